@@ -1,0 +1,30 @@
+"""onnx-snn: convert trained ReLU networks into spiking neural networks that run wherever ONNX runs.
+
+    import onnx_snn
+    snn = onnx_snn.Converter(calib_data, mode="99.9%")(model)
+    onnx_snn.save(snn, "cnn.snn.onnx")
+"""
+__version__ = "0.1.0"
+
+from onnx_snn_runtime.format import StepModelSpec
+
+from .converter import Converter
+from .errors import (CalibrationError, DataError, ModelLoadError, OnnxSnnError, OptionError, PassError,
+                     UnsupportedOpError)
+from .io import save
+from .ops import if_neuron
+
+
+def load(path) -> "onnx.ModelProto":  # noqa: F821 - documented type
+    """Load an ONNX model (source ANN or step model) with the project's errors."""
+    from .io import load as _load
+    return _load(path)[0]
+
+
+def spec(model) -> StepModelSpec:
+    """The step-model record (states, outputs, calibration) of a converted model."""
+    return StepModelSpec.from_metadata({p.key: p.value for p in model.metadata_props})
+
+
+__all__ = ["Converter", "save", "load", "spec", "StepModelSpec", "if_neuron", "OnnxSnnError", "ModelLoadError",
+           "UnsupportedOpError", "OptionError", "CalibrationError", "DataError", "PassError", "__version__"]

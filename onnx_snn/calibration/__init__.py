@@ -1,0 +1,1 @@
+"""Calibration data handling and streaming activation statistics."""

@@ -1,0 +1,99 @@
+"""Streaming activation statistics with bounded memory: exact max, histogram percentiles.
+
+Each channel (or the whole layer, ``channels=1``) keeps the exact running max and a
+histogram of ``bins`` equal-width bins over ``[0, R)``. R starts at the first positive batch
+max and doubles (merging bin pairs, which keeps every bin edge exact) whenever a larger value
+arrives, so R < 2 * max at all times and memory is ``channels * bins`` counters whatever the
+dataset size.
+
+Error bound. ``quantile(q)`` returns the upper edge of the bin holding the inverted-CDF
+q-quantile (numpy's ``method="inverted_cdf"``), capped at the exact max. Hence
+``0 <= result - exact <= R / bins < 2 * max / bins`` (plus float32 rounding of bin
+assignment). With the default 65536 bins per layer that is 0.003 % of the max; with 4096
+bins per channel, 0.05 %. ``share_above(v)`` counts whole bins above v and interpolates
+linearly inside v's bin.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+DEFAULT_BINS_LAYER = 1 << 16
+DEFAULT_BINS_CHANNEL = 1 << 12
+
+
+class StreamingHistogram:
+    """Per-channel histograms of non-negative activations; channel axis 1 of each batch."""
+
+    def __init__(self, channels: int = 1, bins: int | None = None, histogram: bool = True):
+        """``histogram=False`` tracks only the exact max and count (all that mode "max" needs)."""
+        self.channels, self.histogram = channels, histogram
+        self.bins = bins or (DEFAULT_BINS_LAYER if channels == 1 else DEFAULT_BINS_CHANNEL)
+        if self.bins < 2 or self.bins & (self.bins - 1):
+            raise ValueError(f"bins must be a power of two >= 2, got {self.bins}")
+        self.counts = np.zeros((channels, self.bins if histogram else 0), dtype=np.int64)
+        self.range = np.zeros(channels)   # R per channel; 0 until a positive value is seen
+        self.max = np.zeros(channels)     # exact running max (activations are >= 0)
+        self.n = 0                        # values seen per channel
+
+    def _rows(self, x: np.ndarray) -> np.ndarray:
+        if self.channels == 1:
+            return x.reshape(1, -1)
+        return np.moveaxis(x, 1, 0).reshape(self.channels, -1)
+
+    def _grow(self, c: int, needed: float) -> None:
+        if self.range[c] == 0:
+            self.range[c] = needed
+            return
+        factor = 1 << int(np.ceil(np.log2(needed / self.range[c])))
+        merged = np.zeros(self.bins, dtype=np.int64)
+        if factor >= self.bins:
+            merged[0] = self.counts[c].sum()
+        else:
+            merged[: self.bins // factor] = self.counts[c].reshape(-1, factor).sum(axis=1)
+        self.counts[c] = merged
+        self.range[c] *= factor
+
+    def update(self, x: np.ndarray) -> None:
+        rows = self._rows(np.asarray(x))
+        batch_max = rows.max(axis=1).astype(np.float64)
+        self.max = np.maximum(self.max, batch_max)
+        if not self.histogram:
+            self.n += rows.shape[1]
+            return
+        for c in np.flatnonzero(batch_max >= self.range):
+            if batch_max[c] > 0:
+                # R must exceed the max so the max lands inside the last bin, not on its edge
+                self._grow(c, float(np.nextafter(batch_max[c], np.inf)))
+        scale = np.where(self.range > 0, self.bins / np.where(self.range > 0, self.range, 1), 0.0)
+        idx = np.minimum((rows * scale[:, None].astype(rows.dtype)).astype(np.int64), self.bins - 1)
+        idx += (np.arange(self.channels) * self.bins)[:, None]
+        self.counts += np.bincount(idx.ravel(), minlength=self.channels * self.bins).reshape(self.channels, self.bins)
+        self.n += rows.shape[1]
+
+    @property
+    def bin_width(self) -> np.ndarray:
+        return self.range / self.bins
+
+    def quantile(self, q: float) -> np.ndarray:
+        """Per-channel inverted-CDF q-quantile (0 < q <= 1), within one bin width above the exact value."""
+        if q >= 1.0:
+            return self.max.copy()
+        if not self.histogram:
+            raise ValueError("this statistic tracks only the max (histogram=False); no quantile below 1")
+        rank = np.ceil(q * self.n)
+        cum = np.cumsum(self.counts, axis=1)
+        b = np.argmax(cum >= rank, axis=1)
+        return np.minimum((b + 1) * self.bin_width, self.max)
+
+    def share_above(self, value: np.ndarray | float) -> np.ndarray:
+        """Per-channel estimated share of values strictly above ``value``."""
+        value = np.broadcast_to(np.asarray(value, dtype=np.float64), (self.channels,))
+        out = np.zeros(self.channels)
+        for c in range(self.channels):
+            if self.n == 0 or value[c] >= self.max[c] or self.range[c] == 0:
+                continue
+            pos = value[c] / self.bin_width[c]
+            b = min(int(pos), self.bins - 1)
+            above = self.counts[c, b + 1:].sum() + self.counts[c, b] * (b + 1 - pos)
+            out[c] = above / self.n
+        return out

@@ -1,0 +1,110 @@
+"""The user-facing converter: a visible list of passes from an ANN to an SNN step model."""
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+import numpy as np
+import onnx
+
+from onnx_snn_runtime.format import KEY_CALIBRATION
+
+from . import io
+from .calibration.data import first_input
+from .calibration.mode import parse_mode
+from .errors import OptionError
+from .ops import if_neuron
+from .passes.base import Pass, PassManager
+from .passes.calibrate import Calibrate
+from .passes.canonicalize import Canonicalize
+from .passes.check_support import CheckSupport
+from .passes.fold_batchnorm import FoldBatchNorm
+from .passes.insert_neurons import InsertNeurons
+from .passes.maxpool import STRATEGIES, PlaceMaxPool
+from .passes.output_softmax import DropOutputSoftmax
+from .passes.write_step_model import WriteStepModel
+from .torch_export import EXPORTERS, export_module, is_torch_module
+
+log = logging.getLogger(__name__)
+
+
+class Converter:
+    """Convert a trained ReLU network into an SNN step model.
+
+    Args:
+        dataloader: calibration data: a numpy array, an ``.npz`` path, a dict of arrays, or an
+            iterable of batches (arrays, tensors, ``(x, label)`` tuples; a torch DataLoader).
+        mode: ``"max"``, a percentile ``"p%"`` (0 < p <= 100) or a fraction k (0 < k <= 1) of the max.
+        fuse_flag: fold BatchNormalization into the preceding layer (else it stays, as an affine).
+        per_channel: one scale per channel (axis 1) instead of one per layer.
+        maxpool: ``"running_max"``, ``"before_neuron"`` or ``"plain"`` (see ``passes.maxpool``).
+        reset_mode: ``"subtract"`` (reset by subtraction) or ``"zero"`` (hard reset to ``v_reset``).
+        v_init: initial membrane potential (in units of the threshold).
+        batch_size: calibration batch size when the data is an array.
+        bins: histogram bins for percentiles (power of two; default 65536 per layer, 4096 per channel).
+        exporter: torch exporter for ``torch.nn.Module`` inputs: ``"dynamo"`` or ``"torchscript"``.
+        progress: show a progress bar while calibrating.
+
+    Calling the converter with a model (``torch.nn.Module``, ``.onnx`` path, bytes or
+    ``onnx.ModelProto``) returns the step model; ``report`` then lists each layer's scale.
+    """
+
+    def __init__(self, dataloader: Any = None, mode: Any = "max", *, fuse_flag: bool = True,
+                 per_channel: bool = False, maxpool: str = "running_max", reset_mode: str = "subtract",
+                 v_reset: float = 0.0, v_init: float = 0.0, batch_size: int = 256, bins: int | None = None,
+                 exporter: str = "dynamo", progress: bool = True):
+        self.mode = parse_mode(mode)
+        if maxpool not in STRATEGIES:
+            raise OptionError(f"maxpool={maxpool!r}; use one of {', '.join(STRATEGIES)}")
+        if reset_mode not in if_neuron.RESET_MODES:
+            raise OptionError(f"reset_mode={reset_mode!r}; use one of {', '.join(if_neuron.RESET_MODES)}")
+        if exporter not in EXPORTERS:
+            raise OptionError(f"exporter={exporter!r}; use one of {', '.join(EXPORTERS)}")
+        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size <= 0:
+            raise OptionError(f"batch_size={batch_size!r} must be a positive integer")
+        if bins is not None and (not isinstance(bins, int) or bins < 2 or bins & (bins - 1)):
+            raise OptionError(f"bins={bins!r} must be a power of two >= 2")
+        if not np.isfinite(v_init) or not np.isfinite(v_reset):
+            raise OptionError("v_init and v_reset must be finite numbers")
+        self.dataloader, self.fuse_flag, self.per_channel = dataloader, fuse_flag, per_channel
+        self.maxpool, self.reset_mode, self.v_reset, self.v_init = maxpool, reset_mode, v_reset, v_init
+        self.batch_size, self.bins, self.exporter, self.progress = batch_size, bins, exporter, progress
+        self.report: list[dict] = []
+
+    def options(self) -> dict:
+        return {"mode": str(self.mode), "fuse_flag": self.fuse_flag, "per_channel": self.per_channel,
+                "maxpool": self.maxpool, "reset_mode": self.reset_mode, "v_reset": self.v_reset,
+                "v_init": self.v_init}
+
+    def passes(self, source_sha256: str = "", neuron: str = "if") -> list[Pass]:
+        """The pipeline, in order. ``neuron="analog"`` builds the rescaled ANN instead (for checks)."""
+        pipeline: list[Pass] = [Canonicalize(), DropOutputSoftmax(), CheckSupport()]
+        if self.fuse_flag:
+            pipeline.append(FoldBatchNorm())
+        pipeline += [
+            PlaceMaxPool(self.maxpool),
+            Calibrate(self.dataloader, self.mode, per_channel=self.per_channel, batch_size=self.batch_size,
+                      bins=self.bins, progress=self.progress),
+            InsertNeurons(neuron, reset_mode=self.reset_mode, v_reset=self.v_reset, v_init=self.v_init,
+                          maxpool=self.maxpool),
+        ]
+        if neuron == "if":
+            pipeline.append(WriteStepModel(source_sha256, self.options()))
+        return pipeline
+
+    def __call__(self, model: Any, example_input: Any = None, *, neuron: str = "if") -> onnx.ModelProto:
+        source, sha = self.load_source(model, example_input)
+        result = PassManager(self.passes(sha, neuron))(source).model
+        meta = {p.key: p.value for p in result.metadata_props}
+        self.report = json.loads(meta.get(KEY_CALIBRATION, "{}")).get("layers", [])
+        return result
+
+    def load_source(self, model: Any, example_input: Any = None) -> tuple[onnx.ModelProto, str]:
+        """(ONNX model, SHA-256 of the source) from any accepted model form."""
+        if is_torch_module(model):
+            if example_input is None and self.dataloader is not None:
+                example_input = first_input(self.dataloader)
+            proto = export_module(model, example_input, exporter=self.exporter)
+            return io.load(proto)
+        return io.load(model)

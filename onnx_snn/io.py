@@ -1,0 +1,82 @@
+"""Reading source models and writing step models, with project errors and atomic writes."""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+import onnx
+from google.protobuf.message import DecodeError
+
+from .errors import ModelLoadError, OnnxSnnError
+
+log = logging.getLogger(__name__)
+_PROTOBUF_LIMIT = 2**31 - 1 - (64 << 20)  # leave headroom below protobuf's 2 GiB message limit
+
+
+def load(source: str | os.PathLike | bytes | onnx.ModelProto) -> tuple[onnx.ModelProto, str]:
+    """(model, SHA-256 of its serialized bytes) from a path, bytes or a ModelProto (copied)."""
+    if isinstance(source, onnx.ModelProto):
+        model = onnx.ModelProto()
+        model.CopyFrom(source)
+        return model, hashlib.sha256(model.SerializeToString(deterministic=True)).hexdigest()
+    if isinstance(source, (bytes, bytearray)):
+        return _parse(bytes(source), "<bytes>"), hashlib.sha256(source).hexdigest()
+    if not isinstance(source, (str, os.PathLike)):
+        raise ModelLoadError(f"cannot read a model from {type(source).__name__}; give a path, bytes, "
+                             "an onnx.ModelProto or a torch.nn.Module with an example input")
+    path = Path(source)
+    if not path.exists():
+        raise ModelLoadError(f"model file {path} does not exist")
+    if not path.is_file():
+        raise ModelLoadError(f"{path} is not a file; give the path of an .onnx model")
+    data = path.read_bytes()
+    if not data:
+        raise ModelLoadError(f"model file {path} is empty")
+    model = _parse(data, str(path))
+    try:
+        onnx.load_external_data_for_model(model, str(path.parent))
+    except (OSError, onnx.checker.ValidationError, ValueError) as e:
+        raise ModelLoadError(f"{path}: its external data cannot be read ({e}); keep the data files "
+                             "beside the model as they were saved") from e
+    return model, hashlib.sha256(data).hexdigest()
+
+
+def _parse(data: bytes, where: str) -> onnx.ModelProto:
+    model = onnx.ModelProto()
+    try:
+        model.ParseFromString(data)
+    except DecodeError as e:
+        raise ModelLoadError(f"{where} is not an ONNX model (protobuf parse failed: {e})") from e
+    if not model.HasField("graph") or not model.graph.node and not model.graph.input:
+        raise ModelLoadError(f"{where} holds no ONNX graph; is it really an .onnx model?")
+    return model
+
+
+def save(model: onnx.ModelProto, path: str | os.PathLike) -> Path:
+    """Write ``model`` atomically (temporary file, then rename). Models past protobuf's 2 GiB limit
+    get their tensors in ``<name>.data`` beside the file. Returns the path written."""
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise OnnxSnnError(f"cannot write {path}: folder {path.parent} does not exist")
+    large = model.ByteSize() > _PROTOBUF_LIMIT
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        if large:
+            onnx.save_model(model, tmp, save_as_external_data=True, all_tensors_to_one_file=True,
+                            location=f"{path.name}.data", size_threshold=1024)
+            os.replace(Path(tmp).parent / f"{path.name}.data", path.parent / f"{path.name}.data")
+        else:
+            with open(tmp, "wb") as f:
+                f.write(model.SerializeToString())
+        os.replace(tmp, path)
+    except OSError as e:
+        raise OnnxSnnError(f"cannot write {path}: {e}") from e
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    log.info("wrote %s", path)
+    return path

@@ -1,0 +1,155 @@
+"""The stateful integrate-and-fire neuron: the one place where ``onnx_snn.IFNeuron`` is defined.
+
+One timestep of an IF neuron with reset by subtraction (or hard reset to ``v_reset``)::
+
+    v' = v + x                          # integrate the input current
+    s  = 1 if v' >= threshold else 0    # fire (float 0/1)
+    v_next = v' - s * threshold         # reset_mode="subtract" (default)
+    v_next = (1 - s) * v' + s * v_reset # reset_mode="zero"
+
+This is SpikingJelly's ``IFNode`` (``heaviside(v - v_threshold)``, soft reset for
+``v_reset=None``), so spike trains match it step for step.
+
+The module holds, and nothing else in the project repeats:
+
+* ``SCHEMA`` -- the ONNX schema (registered on import so ``check_model(full_check=True)``
+  knows the op),
+* ``IFNeuron`` -- the numpy reference semantics as an ``onnx.reference`` ``OpRun``,
+* ``make_function`` -- the op's body as a model-local ONNX function of standard ops, which
+  stock onnxruntime inlines; a native kernel registered for the same domain/op wins over it.
+"""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+from onnx.defs import OpSchema
+from onnx.reference.op_run import OpRun
+
+DOMAIN = "onnx_snn"
+OP_TYPE = "IFNeuron"
+VERSION = 1
+ML_DOMAIN = "ai.onnx.ml"
+ML_OPSET = 2  # LabelEncoder with keys_strings/values_floats
+MIN_ONNX_OPSET = 15  # CastLike
+RESET_MODES = ("subtract", "zero")
+
+_DOC = __doc__.split("\n\n")[1]
+
+SCHEMA = OpSchema(
+    OP_TYPE, DOMAIN, VERSION,
+    doc=_DOC,
+    inputs=[OpSchema.FormalParameter("X", "T", "input current of this timestep"),
+            OpSchema.FormalParameter("V", "T", "membrane potential before this timestep")],
+    outputs=[OpSchema.FormalParameter("S", "T", "spikes of this timestep (0 or 1)"),
+             OpSchema.FormalParameter("V_next", "T", "membrane potential after firing and reset")],
+    type_constraints=[("T", ["tensor(float)", "tensor(double)", "tensor(float16)"], "floating point")],
+    attributes=[
+        OpSchema.Attribute("threshold", helper.make_attribute("threshold", 1.0), "firing threshold"),
+        OpSchema.Attribute("reset_mode", helper.make_attribute("reset_mode", "subtract"),
+                           "'subtract' (reset by subtraction) or 'zero' (hard reset to v_reset)"),
+        OpSchema.Attribute("v_reset", helper.make_attribute("v_reset", 0.0), "potential after a hard reset"),
+    ],
+)
+if not onnx.defs.has(OP_TYPE, DOMAIN):
+    onnx.defs.register_schema(SCHEMA)
+
+
+def check_attributes(threshold: float, reset_mode: str) -> None:
+    """Raise ValueError for attribute values the op does not define."""
+    if reset_mode not in RESET_MODES:
+        raise ValueError(f"IFNeuron reset_mode must be one of {RESET_MODES}, got {reset_mode!r}")
+    if not np.isfinite(threshold) or threshold <= 0:
+        raise ValueError(f"IFNeuron threshold must be a finite positive number, got {threshold!r}")
+
+
+class IFNeuron(OpRun):
+    """numpy reference semantics of one timestep (``onnx.reference`` custom op)."""
+
+    op_domain = DOMAIN
+
+    def _run(self, x, v, threshold=1.0, reset_mode="subtract", v_reset=0.0):
+        if isinstance(reset_mode, bytes):
+            reset_mode = reset_mode.decode()
+        check_attributes(threshold, reset_mode)
+        dtype = np.result_type(x, v)
+        v1 = v + x
+        th = dtype.type(threshold)
+        s = (v1 >= th).astype(dtype)
+        if reset_mode == "subtract":
+            v_next = v1 - s * th
+        else:
+            v_next = (dtype.type(1) - s) * v1 + s * dtype.type(v_reset)
+        return s, v_next.astype(dtype)
+
+
+def make_node(x: str, v: str, s: str, v_next: str, name: str, *, threshold: float = 1.0,
+              reset_mode: str = "subtract", v_reset: float = 0.0) -> onnx.NodeProto:
+    check_attributes(threshold, reset_mode)
+    attrs = {"threshold": float(threshold)}
+    if reset_mode != "subtract":
+        attrs.update(reset_mode=reset_mode, v_reset=float(v_reset))
+    return helper.make_node(OP_TYPE, [x, v], [s, v_next], name=name, domain=DOMAIN, **attrs)
+
+
+def make_function(onnx_opset: int) -> onnx.FunctionProto:
+    """The op's body from standard ops, for a model whose default-domain opset is ``onnx_opset``.
+
+    The reset mode is a string attribute; ``LabelEncoder`` turns it into 0 (subtract) or
+    1 (zero). An unknown mode maps to NaN, which poisons ``v_reset`` so every potential
+    becomes NaN instead of silently using the wrong reset. All of that is scalar work that
+    onnxruntime folds at load; per step the body costs Add, GreaterOrEqual, CastLike, the
+    two resets and a Where.
+    """
+    if onnx_opset < MIN_ONNX_OPSET:
+        raise ValueError(f"IFNeuron's body needs opset >= {MIN_ONNX_OPSET}, got {onnx_opset}")
+
+    def attr_const(out: str, attr: str, kind: str) -> onnx.NodeProto:
+        node = helper.make_node("Constant", [], [out])
+        ref = onnx.AttributeProto(name=kind, ref_attr_name=attr,
+                                  type=onnx.AttributeProto.STRING if kind == "value_string"
+                                  else onnx.AttributeProto.FLOAT)
+        node.attribute.append(ref)
+        return node
+
+    n = helper.make_node
+    nodes = [
+        attr_const("th_f", "threshold", "value_float"),
+        attr_const("vr_f", "v_reset", "value_float"),
+        attr_const("mode", "reset_mode", "value_string"),
+        n("LabelEncoder", ["mode"], ["hard_f"], domain=ML_DOMAIN, keys_strings=list(RESET_MODES),
+          values_floats=[0.0, 1.0], default_float=float("nan")),
+        n("Constant", [], ["zero_f"], value_float=0.0),
+        n("Constant", [], ["one_f"], value_float=1.0),
+        n("Mul", ["hard_f", "zero_f"], ["poison_f"]),        # 0, or NaN for an unknown mode
+        n("Add", ["vr_f", "poison_f"], ["vr_checked_f"]),
+        n("Cast", ["hard_f"], ["hard"], to=TensorProto.BOOL),
+        n("CastLike", ["th_f", "X"], ["th"]),
+        n("CastLike", ["vr_checked_f", "X"], ["vr"]),
+        n("CastLike", ["one_f", "X"], ["one"]),
+        n("Add", ["V", "X"], ["V1"]),
+        n("GreaterOrEqual", ["V1", "th"], ["fire"]),
+        n("CastLike", ["fire", "X"], ["S"]),
+        n("Mul", ["S", "th"], ["S_th"]),
+        n("Sub", ["V1", "S_th"], ["V_soft"]),
+        n("Sub", ["one", "S"], ["not_S"]),
+        n("Mul", ["not_S", "V1"], ["V_keep"]),
+        n("Mul", ["S", "vr"], ["S_vr"]),
+        n("Add", ["V_keep", "S_vr"], ["V_hard"]),
+        n("Where", ["hard", "V_hard", "V_soft"], ["V_next"]),
+    ]
+    fn = helper.make_function(
+        DOMAIN, OP_TYPE, ["X", "V"], ["S", "V_next"], nodes,
+        opset_imports=[helper.make_opsetid("", onnx_opset), helper.make_opsetid(ML_DOMAIN, ML_OPSET)],
+        attributes=[],
+    )
+    fn.attribute_proto.extend([helper.make_attribute("threshold", 1.0),
+                               helper.make_attribute("reset_mode", "subtract"),
+                               helper.make_attribute("v_reset", 0.0)])
+    fn.doc_string = _DOC
+    return fn
+
+
+def opset_imports() -> list[onnx.OperatorSetIdProto]:
+    """The opsets a model that uses IFNeuron must import besides its default domain."""
+    return [helper.make_opsetid(DOMAIN, VERSION), helper.make_opsetid(ML_DOMAIN, ML_OPSET)]

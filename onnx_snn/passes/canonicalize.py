@@ -1,0 +1,142 @@
+"""Load-and-canonicalise pass.
+
+Guarantees on the model it returns (its maths unchanged):
+
+* default-domain opset >= 15 (older models are version-converted), no custom-domain op left
+  from an earlier conversion, no model-local functions (exporter functions are inlined);
+* no ``Constant`` nodes: every constant is an initializer; nodes whose inputs are all constant,
+  and ``Shape`` of a fully static tensor, are folded;
+* no ``Identity`` and no inference-time ``Dropout`` nodes;
+* every node has a unique, non-empty name (later passes and error messages refer to it);
+* shapes inferred into ``value_info``; graph input and output names, and their dynamic batch
+  dimension, exactly as given.
+"""
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+from onnx import helper, numpy_helper
+from onnx.reference import ReferenceEvaluator
+
+from ..errors import ModelLoadError
+from ..graph import bypass, export_model, import_graph, is_standard
+from ..ops import if_neuron
+from .base import Pass, PassResult
+
+log = logging.getLogger(__name__)
+
+# Folding runs numpy's reference ops; beyond this many output elements we leave the node alone.
+_FOLD_LIMIT = 1 << 24
+
+
+def default_opset(model: onnx.ModelProto) -> int:
+    for o in model.opset_import:
+        if o.domain in ("", "ai.onnx"):
+            return o.version
+    raise ModelLoadError("the model imports no default-domain opset; it is not a valid ONNX model")
+
+
+def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
+    try:
+        return onnx.shape_inference.infer_shapes(model, data_prop=True)
+    except onnx.shape_inference.InferenceError as e:
+        raise ModelLoadError(f"shape inference failed: {e}. Check the model with onnx.checker") from e
+
+
+def _fold_node(node: gs.Node, opset: int) -> list[np.ndarray] | None:
+    """Evaluate a node whose inputs are all constant, or None when it should stay."""
+    if not is_standard(node) or node.op in ("If", "Loop", "Scan", "RandomNormal",
+                                                         "RandomUniform", "RandomNormalLike",
+                                                         "RandomUniformLike", "Multinomial"):
+        return None
+    names = [f"in{i}" if not t.is_empty() else "" for i, t in enumerate(node.inputs)]
+    outs = [f"out{i}" for i in range(len(node.outputs))]
+    proto = helper.make_node(node.op, names, outs, **node.attrs)
+    feeds = {n: t.values for n, t in zip(names, node.inputs) if n}
+    graph = helper.make_graph([proto], "fold",
+                              [helper.make_tensor_value_info(n, helper.np_dtype_to_tensor_dtype(v.dtype), v.shape)
+                               for n, v in feeds.items()],
+                              [helper.make_empty_tensor_value_info(o) for o in outs])
+    try:
+        values = ReferenceEvaluator(helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])).run(None, feeds)
+    except Exception as e:  # noqa: BLE001 - an op the reference cannot fold simply stays
+        log.debug("not folding %s (%s): %s", node.name, node.op, e)
+        return None
+    if any(np.asarray(v).size > _FOLD_LIMIT for v in values):
+        return None
+    return [np.asarray(v) for v in values]
+
+
+def _constant_node_value(node: gs.Node) -> np.ndarray:
+    (key, value), = node.attrs.items()
+    if key == "value":
+        return value.values
+    if key == "sparse_value":
+        raise ModelLoadError(f"Constant node {node.name!r} holds a sparse tensor; densify it first")
+    dtype = {"value_float": np.float32, "value_floats": np.float32, "value_int": np.int64,
+             "value_ints": np.int64}.get(key)
+    if dtype is None:
+        return np.array(value)
+    return np.array(value, dtype=dtype)
+
+
+class Canonicalize(Pass):
+    def call(self, model: onnx.ModelProto) -> PassResult:
+        if any(n.domain == if_neuron.DOMAIN for n in model.graph.node):
+            raise ModelLoadError("the model already contains onnx_snn neurons (it is an SNN step model); "
+                                 "convert the original ANN instead")
+        if not model.graph.input:
+            raise ModelLoadError("the model has no graph inputs; there is nothing to feed it")
+        if model.functions:
+            model = onnx.inliner.inline_local_functions(model)
+        opset = default_opset(model)
+        if opset < if_neuron.MIN_ONNX_OPSET:
+            try:
+                model = onnx.version_converter.convert_version(model, if_neuron.MIN_ONNX_OPSET)
+            except Exception as e:  # noqa: BLE001
+                raise ModelLoadError(f"the model uses opset {opset} and could not be upgraded to "
+                                     f"{if_neuron.MIN_ONNX_OPSET} ({e}); re-export it with opset >= "
+                                     f"{if_neuron.MIN_ONNX_OPSET}") from e
+            opset = if_neuron.MIN_ONNX_OPSET
+        graph = import_graph(infer_shapes(model))
+        graph.toposort()
+        names: set[str] = set()
+        for i, node in enumerate(list(graph.nodes)):
+            if node.op == "Constant" and is_standard(node):
+                node.outputs[0].to_constant(_constant_node_value(node))
+                node.outputs.clear()
+                continue
+            if node.op in ("Identity", "Dropout") and is_standard(node):
+                if len(node.outputs) == 1 or not node.outputs[1].outputs:
+                    while len(node.outputs) > 1:
+                        node.outputs.pop()
+                    if bypass(graph, node, node.inputs[0]):
+                        continue
+            if node.op == "Shape" and node.inputs[0].shape is not None and all(
+                    isinstance(d, int) for d in node.inputs[0].shape):
+                shape = np.array(node.inputs[0].shape, dtype=np.int64)
+                start, end = node.attrs.get("start", 0), node.attrs.get("end", None)
+                node.outputs[0].to_constant(shape[start:end])
+                node.outputs.clear()
+                continue
+            if node.inputs and all(isinstance(t, gs.Constant) or t.is_empty() for t in node.inputs):
+                values = _fold_node(node, opset)
+                if values is not None:
+                    for out, value in zip(node.outputs, values):
+                        out.to_constant(value)
+                    node.outputs.clear()
+                    continue
+            if not node.name or node.name in names:
+                node.name = f"{node.op}_{i}"
+            names.add(node.name)
+        graph.cleanup(remove_unused_graph_inputs=False)
+        out = export_model(graph, model)
+        # Initializers listed as graph inputs (old exporters) are constants, not inputs to feed.
+        inits = {t.name for t in out.graph.initializer}
+        kept = [i for i in out.graph.input if i.name not in inits]
+        del out.graph.input[:]
+        out.graph.input.extend(kept)
+        return PassResult(infer_shapes(out), True)

@@ -1,0 +1,160 @@
+"""BatchNorm folding pass.
+
+Guarantees: the returned model has no ``BatchNormalization`` node and computes the same
+function (to float32 rounding; the algebra is done in float64). For y = BN(x) with
+s = gamma / sqrt(var + eps) and t = beta - mean * s:
+
+* when x is produced by a Conv, ConvTranspose, Gemm, or MatMul (optionally followed by Add of a
+  constant bias) with constant weights, and nothing but the BN reads x, the BN is folded into the
+  weights and bias: W' = s * W (along output channels), b' = s * b + t;
+* otherwise (BN after Add/Concat/pooling/ReLU, a shared producer output, a bias that varies
+  along the batch) it becomes a per-channel affine ``Mul(s) -> Add(t)`` along axis 1.
+"""
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from ..errors import UnsupportedOpError
+from ..graph import bypass, channel_shape, const, export_model, import_graph, producer, rank, sole_consumer, unique_name
+from .base import Pass, PassResult
+
+log = logging.getLogger(__name__)
+
+
+def bn_scale_shift(bn: gs.Node) -> tuple[np.ndarray, np.ndarray]:
+    """(s, t) in float64 such that BN(x) = s * x + t per channel."""
+    if bn.attrs.get("training_mode", 0):
+        raise UnsupportedOpError(bn.name, bn.op, "is in training mode; export the model after model.eval()")
+    params = [const(t) for t in bn.inputs[1:5]]
+    if any(p is None for p in params):
+        raise UnsupportedOpError(bn.name, bn.op, "has non-constant scale, bias, mean or variance")
+    gamma, beta, mean, var = (p.astype(np.float64) for p in params)
+    s = gamma / np.sqrt(var + float(bn.attrs.get("epsilon", 1e-5)))
+    return s, beta - mean * s
+
+
+def _new_const(graph: gs.Graph, base: str, values: np.ndarray, dtype) -> gs.Constant:
+    return gs.Constant(unique_name(graph, base), np.ascontiguousarray(values.astype(dtype)))
+
+
+def _bias(node: gs.Node, index: int, n: int) -> np.ndarray:
+    if len(node.inputs) > index and not node.inputs[index].is_empty():
+        return const(node.inputs[index]).astype(np.float64)
+    return np.zeros(n)
+
+
+def _set_weight_and_bias(graph, node, weight: np.ndarray, bias: np.ndarray, dtype) -> None:
+    """Give a Conv/ConvTranspose/Gemm new constant inputs 1 (weight) and 2 (bias), as ``dtype``.
+    New constants rather than edits in place: the old weight may be shared with another node."""
+    node.inputs[1] = _new_const(graph, f"{node.name}.weight_bn", weight, dtype)
+    bias_const = _new_const(graph, f"{node.name}.bias_bn", bias, dtype)
+    if len(node.inputs) > 2:
+        node.inputs[2] = bias_const
+    else:
+        node.inputs.append(bias_const)
+
+
+def _fold_conv(graph, conv, s, t) -> bool:
+    w = const(conv.inputs[1])
+    if w is None:
+        return False
+    w64 = w.astype(np.float64)
+    if conv.op == "Conv":
+        w_new = w64 * s.reshape((-1,) + (1,) * (w.ndim - 1))
+    else:  # ConvTranspose weight: [C_in, C_out / group, k...]
+        g = int(conv.attrs.get("group", 1))
+        cin, cout_g = w.shape[0], w.shape[1]
+        w_new = (w64.reshape((g, cin // g, cout_g) + w.shape[2:])
+                 * s.reshape((g, 1, cout_g) + (1,) * (w.ndim - 2))).reshape(w.shape)
+    _set_weight_and_bias(graph, conv, w_new, _bias(conv, 2, len(s)) * s + t, w.dtype)
+    return True
+
+
+def _fold_gemm(graph, gemm, s, t) -> bool:
+    b = const(gemm.inputs[1])
+    if b is None:
+        return False
+    n = len(s)
+    c = _bias(gemm, 2, n) * float(gemm.attrs.get("beta", 1.0))
+    if c.ndim == 2 and c.shape[0] != 1 or c.size not in (1, n):
+        return False  # bias varies along the batch: not foldable into a per-feature bias
+    b64 = b.astype(np.float64)
+    b_new = b64 * (s[:, None] if gemm.attrs.get("transB", 0) else s[None, :])
+    c_new = np.broadcast_to(c.reshape(-1), (n,)) * s + t
+    _set_weight_and_bias(graph, gemm, b_new, c_new, b.dtype)
+    gemm.attrs["beta"] = 1.0
+    return True
+
+
+def _fold_matmul(graph, node, s, t) -> bool:
+    """MatMul(x, W) or MatMul(x, W) -> Add(b), 2-D output: scale W's columns, fold t into the bias."""
+    add = None
+    if node.op == "Add":
+        add, bias_index = node, next((i for i in (0, 1) if const(node.inputs[i]) is not None), None)
+        mm = producer(node.inputs[1 - bias_index]) if bias_index is not None else None
+        if mm is None or mm.op != "MatMul" or sole_consumer(graph, mm.outputs[0]) is not add:
+            return False
+        bias = const(add.inputs[bias_index]).astype(np.float64)
+        if bias.size not in (1, len(s)) or bias.ndim > 1 and bias.shape[0] != 1:
+            return False
+    else:
+        mm, bias = node, np.zeros(1)
+    w = const(mm.inputs[1])
+    if w is None or w.ndim != 2 or rank(mm.outputs[0]) != 2:
+        return False  # BN's channel axis is the weight's column axis only for [N, F] outputs
+    mm.inputs[1] = _new_const(graph, f"{mm.name}.weight_bn", w.astype(np.float64) * s[None, :], w.dtype)
+    b_new = _new_const(graph, f"{mm.name}.bias_bn", np.broadcast_to(bias.reshape(-1), s.shape) * s + t, w.dtype)
+    if add is not None:
+        add.inputs[bias_index] = b_new
+    else:
+        out = gs.Variable(unique_name(graph, f"{mm.name}.out_bn"), dtype=mm.outputs[0].dtype)
+        old = mm.outputs[0]
+        mm.outputs[0] = out
+        graph.nodes.append(gs.Node("Add", f"{mm.name}.bias_add", inputs=[out, b_new], outputs=[old]))
+    return True
+
+
+_FOLDERS = {"Conv": _fold_conv, "ConvTranspose": _fold_conv, "Gemm": _fold_gemm,
+            "MatMul": _fold_matmul, "Add": _fold_matmul}
+
+
+def _to_affine(graph, bn, s, t) -> None:
+    x = bn.inputs[0]
+    r = rank(x)
+    if r is None:
+        raise UnsupportedOpError(bn.name, bn.op, "has an input of unknown rank, so it can be neither "
+                                 "folded nor turned into an affine; give the model static input ranks")
+    dtype = const(bn.inputs[1]).dtype
+    scaled = gs.Variable(unique_name(graph, f"{bn.name}.scaled"), dtype=bn.outputs[0].dtype, shape=x.shape)
+    y = bn.outputs[0]
+    graph.nodes.append(gs.Node("Mul", f"{bn.name}.mul", inputs=[x, _new_const(graph, f"{bn.name}.scale", channel_shape(s, r), dtype)], outputs=[scaled]))
+    graph.nodes.append(gs.Node("Add", f"{bn.name}.add", inputs=[scaled, _new_const(graph, f"{bn.name}.shift", channel_shape(t, r), dtype)], outputs=[y]))
+    bn.outputs.clear()
+    bn.inputs.clear()
+
+
+class FoldBatchNorm(Pass):
+    def call(self, model: onnx.ModelProto) -> PassResult:
+        graph = import_graph(model)
+        bns = [n for n in graph.nodes if n.op == "BatchNormalization"]
+        for bn in bns:
+            while len(bn.outputs) > 1:
+                bn.outputs.pop()  # running statistics of inference-mode exports are unused
+            s, t = bn_scale_shift(bn)
+            x = bn.inputs[0]
+            prev = producer(x)
+            folder = _FOLDERS.get(prev.op) if prev is not None else None
+            if folder is not None and sole_consumer(graph, x) is bn and folder(graph, prev, s, t):
+                bypass(graph, bn, x)  # x has no other reader and is no graph input: always possible
+                log.info("folded %s into %s", bn.name, prev.name)
+            else:
+                _to_affine(graph, bn, s, t)
+                log.info("turned %s into a per-channel affine", bn.name)
+        if not bns:
+            return PassResult(model, False)
+        return PassResult(export_model(graph, model), True)
+

@@ -1,0 +1,21 @@
+import logging
+from pathlib import Path
+
+import pytest
+
+from onnx_snn_runtime.datasets import load_fashion_mnist
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLE_ONNX = ROOT / "models" / "sample_cnn.onnx"
+
+
+@pytest.fixture(scope="session")
+def bundled():
+    xc, yc = load_fashion_mnist("train", source="bundled")
+    xt, yt = load_fashion_mnist("test", source="bundled")
+    return xc, yc, xt, yt
+
+
+@pytest.fixture(autouse=True)
+def _quiet_logs(caplog):
+    caplog.set_level(logging.WARNING)

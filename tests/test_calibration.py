@@ -1,0 +1,127 @@
+"""Streaming calibration statistics against numpy, and the calibration data forms."""
+import numpy as np
+import pytest
+
+from onnx_snn.calibration.data import InputSpec, first_input, iterate_batches
+from onnx_snn.calibration.mode import Mode, parse_mode
+from onnx_snn.calibration.stats import StreamingHistogram
+from onnx_snn.errors import DataError, OptionError
+
+
+def relu_batches(rng, n_batches=12, shape=(64, 3, 5, 5)):
+    """Heavy-tailed ReLU-like activations whose scale grows batch after batch (forces re-binning)."""
+    return [np.maximum(rng.standard_cauchy(shape) * (1 + i), 0).astype(np.float32) for i in range(n_batches)]
+
+
+@pytest.mark.parametrize("bins", [64, 1024, 1 << 16])
+@pytest.mark.parametrize("q", [0.5, 0.9, 0.99, 0.999, 0.99999])
+def test_layer_quantile_within_one_bin_of_numpy(bins, q):
+    batches = relu_batches(np.random.default_rng(0))
+    hist = StreamingHistogram(1, bins)
+    for b in batches:
+        hist.update(b)
+    everything = np.concatenate([b.ravel() for b in batches])
+    exact = np.quantile(everything, q, method="inverted_cdf")
+    assert hist.max[0] == everything.max()  # max is exact
+    width = hist.bin_width[0]
+    assert width <= 2 * everything.max() / bins  # the documented bound on R
+    got = hist.quantile(q)[0]
+    assert exact - 1e-6 * width <= got <= exact + width * (1 + 1e-5), (got, exact, width)
+
+
+def test_per_channel_statistics_match_numpy():
+    rng = np.random.default_rng(1)
+    batches = relu_batches(rng, shape=(32, 4, 6, 6))
+    batches = [b * np.array([0.01, 1, 100, 0], np.float32)[None, :, None, None] for b in batches]
+    hist = StreamingHistogram(4, 4096)
+    for b in batches:
+        hist.update(b)
+    per_channel = np.concatenate([np.moveaxis(b, 1, 0).reshape(4, -1) for b in batches], axis=1)
+    np.testing.assert_array_equal(hist.max, per_channel.max(axis=1))
+    got = hist.quantile(0.999)
+    for c in range(4):
+        exact = np.quantile(per_channel[c], 0.999, method="inverted_cdf")
+        assert exact <= got[c] + 1e-12 and got[c] <= exact + hist.bin_width[c] * (1 + 1e-5)
+    assert got[3] == 0.0  # a dead channel stays at 0 (the calibrate pass replaces it)
+
+
+def test_memory_is_bounded_by_bins_not_data():
+    hist = StreamingHistogram(8, 256)
+    rng = np.random.default_rng(2)
+    for _ in range(50):
+        hist.update(np.abs(rng.standard_normal((16, 8, 10))).astype(np.float32))
+    assert hist.counts.shape == (8, 256) and hist.counts.sum() == 50 * 16 * 10 * 8
+
+
+def test_share_above_matches_numpy_at_bin_edges():
+    rng = np.random.default_rng(3)
+    x = np.maximum(rng.standard_normal((4000, 1)), 0).astype(np.float32)
+    hist = StreamingHistogram(1, 1 << 14)
+    hist.update(x)
+    lam = hist.quantile(0.99)[0]
+    assert abs(hist.share_above(lam)[0] - (x > lam).mean()) <= 1 / len(x)
+    assert hist.share_above(x.max())[0] == 0.0
+
+
+def test_max_only_histogram_keeps_no_bins():
+    hist = StreamingHistogram(3, histogram=False)
+    hist.update(np.arange(24, dtype=np.float32).reshape(2, 3, 4))
+    assert hist.counts.size == 0
+    np.testing.assert_array_equal(hist.max, [15.0, 19.0, 23.0])
+    np.testing.assert_array_equal(hist.quantile(1.0), hist.max)
+    with pytest.raises(ValueError, match="histogram"):
+        hist.quantile(0.5)
+
+
+@pytest.mark.parametrize("text,expected", [("max", Mode("max", 1.0)), ("99.9%", Mode("percentile", 99.9)),
+                                           ("100%", Mode("percentile", 100.0)), (0.5, Mode("fraction", 0.5)),
+                                           ("0.75", Mode("fraction", 0.75)), (1, Mode("fraction", 1.0))])
+def test_parse_mode(text, expected):
+    assert parse_mode(text) == expected
+
+
+@pytest.mark.parametrize("bad", ["0%", "100.5%", "abc%", "median", 0, 1.5, -0.1, True, None])
+def test_parse_mode_refuses(bad):
+    with pytest.raises(OptionError, match="mode"):
+        parse_mode(bad)
+
+
+SPEC = [InputSpec("input", (None, 1, 4, 4), np.dtype(np.float32))]
+
+
+def collect(data, batch_size=3):
+    batches, count = iterate_batches(data, SPEC, batch_size)
+    return [b["input"] for b in batches], count
+
+
+def test_data_forms_all_give_the_same_samples(tmp_path):
+    x = np.random.default_rng(4).random((7, 1, 4, 4)).astype(np.float64)
+    np.savez(tmp_path / "calib.npz", x=x, y=np.arange(7))
+    torch = pytest.importorskip("torch")
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.from_numpy(x), torch.arange(7)), batch_size=3)
+    forms = {"array": x, "npz": tmp_path / "calib.npz", "npz-str": str(tmp_path / "calib.npz"),
+             "dict": {"input": x}, "iterable": [x[:4], x[4:]], "tuples": [(x[:4], 0), (x[4:], 1)],
+             "loader": loader, "tensor": torch.from_numpy(x)}
+    for name, data in forms.items():
+        batches, _ = collect(data)
+        got = np.concatenate(batches)
+        assert got.dtype == np.float32, name
+        np.testing.assert_allclose(got, x.astype(np.float32), err_msg=name)
+    assert collect(x)[1] == 3
+    assert first_input(loader).shape == (1, 1, 4, 4)
+
+
+@pytest.mark.parametrize("data,match", [
+    (np.zeros((0, 1, 4, 4)), "empty"),
+    ([], "empty"),
+    (np.zeros((5, 4, 4)), "shape"),
+    (np.zeros((5, 1, 4, 5)), "shape"),
+    (np.full((5, 1, 4, 4), np.nan), "NaN"),
+    (np.array([["a"] * 16] * 2).reshape(2, 1, 4, 4), "dtype"),
+    ("does-not-exist.npz", "does not exist"),
+    (None, "no calibration data"),
+    (42, "cannot use"),
+])
+def test_bad_calibration_data_is_refused(data, match):
+    with pytest.raises(DataError, match=match):
+        collect(data)

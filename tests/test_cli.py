@@ -1,0 +1,71 @@
+"""The onnx-snn command line, as a user runs it."""
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import onnx_snn
+from onnx_snn.cli import main
+
+from conftest import SAMPLE_ONNX
+
+
+@pytest.fixture
+def calib_npz(tmp_path, bundled):
+    path = tmp_path / "calib.npz"
+    np.savez(path, x=bundled[0][:300])
+    return path
+
+
+def test_convert_prints_the_table_and_writes_a_step_model(calib_npz, tmp_path, capsys):
+    out = tmp_path / "cnn.snn.onnx"
+    assert main(["convert", str(SAMPLE_ONNX), "--calib", str(calib_npz), "--mode", "99.9%", "-o", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "lambda" in printed and "above lambda" in printed and "/2/Relu" in printed
+    assert "3 neuron layers" in printed
+    spec = onnx_snn.spec(onnx_snn.load(out))
+    assert spec.calibration["mode"] == "99.9%" and spec.calibration["samples"] == 300
+    shares = [float(line.split()[-1].rstrip("%")) for line in printed.splitlines() if "/Relu" in line]
+    assert all(0.05 <= s <= 0.2 for s in shares), shares  # ~0.1 % above the 99.9th percentile
+
+
+def test_convert_fashion_mnist_keyword_and_per_channel(tmp_path, capsys):
+    out = tmp_path / "pc.snn.onnx"
+    assert main(["convert", str(SAMPLE_ONNX), "--calib", "fashion-mnist", "--limit", "200", "--mode", "0.9",
+                 "--per-channel", "-o", str(out), "-q"]) == 0
+    assert capsys.readouterr().out == ""
+    spec = onnx_snn.spec(onnx_snn.load(out))
+    assert len(spec.calibration["layers"][0]["lambda"]) == 32 and spec.calibration["mode"] == "0.9"
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--mode", "150%"], "percentile must be in (0, 100]"),
+    (["--mode", "2"], "fraction of the max"),
+    (["--bins", "1000"], "power of two"),
+])
+def test_bad_options_exit_2_with_a_message(args, message, calib_npz, tmp_path, capsys):
+    out = tmp_path / "never.onnx"
+    rc = main(["convert", str(SAMPLE_ONNX), "--calib", str(calib_npz), "-o", str(out), "-q"] + args)
+    assert rc == 2 and message in capsys.readouterr().err
+    assert not out.exists() and not list(tmp_path.glob(".never*"))  # nothing half-written
+
+
+def test_missing_model_and_overwriting_the_input(calib_npz, tmp_path, capsys):
+    assert main(["convert", str(tmp_path / "nope.onnx"), "--calib", str(calib_npz)]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    copy = tmp_path / "m.onnx"
+    copy.write_bytes(SAMPLE_ONNX.read_bytes())
+    assert main(["convert", str(copy), "--calib", str(calib_npz), "-o", str(copy), "-q"]) == 2
+    assert "--force" in capsys.readouterr().err
+    assert copy.read_bytes() == SAMPLE_ONNX.read_bytes()
+
+
+def test_console_script_is_installed(calib_npz, tmp_path):
+    script = Path(sys.executable).parent / "onnx-snn"
+    assert script.exists(), "pip install -e . should install the onnx-snn console script"
+    result = subprocess.run([str(script), "convert", str(SAMPLE_ONNX), "--calib", str(calib_npz), "-o",
+                             str(tmp_path / "x.snn.onnx"), "-q"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "x.snn.onnx").exists()

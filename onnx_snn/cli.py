@@ -1,4 +1,4 @@
-"""``onnx-snn`` command line: ``onnx-snn convert MODEL --calib DATA --mode 99.9% -o OUT``."""
+"""``onnx-snn`` command line: ``convert`` (an ANN into a step model), ``run`` (simulate it), ``demo``."""
 from __future__ import annotations
 
 import argparse
@@ -14,6 +14,7 @@ from .converter import Converter
 from .errors import OnnxSnnError, OptionError
 from .io import save
 from .passes.maxpool import STRATEGIES
+from onnx_snn_runtime.cli import add_parser as add_run_parser
 
 log = logging.getLogger("onnx_snn")
 
@@ -60,6 +61,51 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+DEMO_MODES = ("max", "99.9%", "1/2", "1/3", "1/4", "1/5")  # the seed tutorial's six modes
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Convert the sample CNN with each demo mode, simulate, print the table, plot accuracy against t."""
+    import onnxruntime as ort
+
+    from onnx_snn_runtime.cli import plot_accuracy
+    from onnx_snn_runtime.datasets import DEBIAN_DIR, load_fashion_mnist, read_idx_dir
+    from onnx_snn_runtime.simulator import Simulator, check_T
+
+    T = check_T(args.T)
+    full = read_idx_dir(DEBIAN_DIR, "test") is not None
+    x_train, _ = load_fashion_mnist("train")
+    x_test, y_test = load_fashion_mnist("test")
+    x_calib, x_test, y_test = x_train[: args.calib_samples], x_test[: args.images], y_test[: args.images]
+    print(f"data: {'full Fashion-MNIST (Debian package)' if full else 'bundled Fashion-MNIST subset'}; "
+          f"calibration on {len(x_calib)} training images, test on {len(x_test)} images, T={T}")
+    source = Path(__file__).resolve().parents[1] / "models" / "sample_cnn.onnx"
+    ann = ort.InferenceSession(str(source), providers=["CPUExecutionProvider"])
+    ann_acc = float(np.mean(ann.run(None, {"input": x_test})[0].argmax(1) == y_test))
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    curves = {}
+    rows = [("mode", f"accuracy at T={T}", "vs ANN")]
+    for mode in DEMO_MODES:
+        snn = Converter(x_calib, mode, progress=False)(source)
+        path = save(snn, out_dir / f"sample_cnn.{mode.replace('/', '_').replace('%', 'pct')}.snn.onnx")
+        ev = Simulator(path).evaluate((x_test, y_test), T, batch_size=args.batch_size, progress=not args.quiet)
+        curves[mode] = ev.accuracy
+        rows.append((mode, f"{ev.accuracy[-1]:.4f}", f"{100 * (ev.accuracy[-1] - ann_acc):+.2f} pt"))
+        print(f"  {mode:6s} done: {ev.accuracy[-1]:.4f}", flush=True)
+    rows.append(("ANN", f"{ann_acc:.4f}", ""))
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    print()
+    for i, row in enumerate(rows):
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
+        if i == 0:
+            print("  ".join("-" * w for w in widths))
+    plot = out_dir / "demo_accuracy.png"
+    plot_accuracy(curves, str(plot), f"Sample CNN as SNN, Fashion-MNIST ({len(x_test)} test images)", ann_acc)
+    print(f"\nwrote {plot} and the six step models in {out_dir}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="onnx-snn", description="Convert ReLU networks to spiking neural networks.")
     parser.add_argument("--version", action="version", version=f"onnx-snn {__version__}")
@@ -80,6 +126,15 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--force", action="store_true", help="allow overwriting the input model")
     c.add_argument("-q", "--quiet", action="store_true", help="no progress bar or table")
     c.set_defaults(func=cmd_convert)
+    add_run_parser(sub)
+    d = sub.add_parser("demo", help="convert the sample CNN with six modes, simulate, plot accuracy against t")
+    d.add_argument("--T", type=int, default=50, help="timesteps (default 50)")
+    d.add_argument("--images", type=int, default=2000, help="test images (default 2000)")
+    d.add_argument("--calib-samples", type=int, default=10000, help="calibration images (default 10000)")
+    d.add_argument("--batch-size", type=int, default=500)
+    d.add_argument("--out-dir", default="demo_output", help="where to write the models and the plot")
+    d.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    d.set_defaults(func=cmd_demo)
     return parser
 
 

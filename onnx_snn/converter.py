@@ -23,6 +23,7 @@ from .passes.fold_batchnorm import FoldBatchNorm
 from .passes.insert_neurons import InsertNeurons
 from .passes.maxpool import STRATEGIES, PlaceMaxPool
 from .passes.output_softmax import DropOutputSoftmax
+from .passes.runtime_form import EmbedRuntimeForm
 from .passes.write_step_model import WriteStepModel
 from .torch_export import EXPORTERS, export_module, is_torch_module
 
@@ -90,7 +91,7 @@ class Converter:
                           maxpool=self.maxpool),
         ]
         if neuron == "if":
-            pipeline.append(WriteStepModel(source_sha256, self.options()))
+            pipeline += [WriteStepModel(source_sha256, self.options()), EmbedRuntimeForm()]
         return pipeline
 
     def __call__(self, model: Any, example_input: Any = None, *, neuron: str = "if") -> onnx.ModelProto:

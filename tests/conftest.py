@@ -16,6 +16,15 @@ def bundled():
     return xc, yc, xt, yt
 
 
+@pytest.fixture(scope="session")
+def sample_snn(bundled, tmp_path_factory):
+    """Path of the sample CNN converted with 99.9% on the bundled calibration slice."""
+    import onnx_snn
+    path = tmp_path_factory.mktemp("sample") / "cnn.snn.onnx"
+    onnx_snn.save(onnx_snn.Converter(bundled[0], mode="99.9%", progress=False)(SAMPLE_ONNX), path)
+    return path
+
+
 @pytest.fixture(autouse=True)
 def _quiet_logs(caplog):
     caplog.set_level(logging.WARNING)

@@ -1,4 +1,5 @@
-"""Parse the ``mode`` option: "max", a percentile "p%" (0 < p <= 100), or a fraction k of the max (0 < k <= 1)."""
+"""Parse the ``mode`` option: "max", a percentile "p%" (0 < p <= 100), or a fraction k of the max
+(0 < k <= 1, written as a number or as "1/3")."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -33,8 +34,12 @@ def parse_mode(mode) -> Mode:
                 raise OptionError(f"mode={mode!r}: the percentile must be in (0, 100]")
             return Mode("percentile", p)
         try:
-            mode = float(text)
-        except ValueError:
+            if "/" in text:  # "1/3", as in the seed tutorial's modes
+                num, den = text.split("/")
+                mode = float(num) / float(den)
+            else:
+                mode = float(text)
+        except (ValueError, ZeroDivisionError):
             raise OptionError(f"mode={mode!r} is not a mode; use 'max', a percentile like '99.9%' "
                               "or a fraction 0 < k <= 1") from None
     if isinstance(mode, (int, float)):

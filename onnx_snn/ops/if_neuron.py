@@ -14,7 +14,8 @@ The module holds, and nothing else in the project repeats:
 
 * ``SCHEMA`` -- the ONNX schema (registered on import so ``check_model(full_check=True)``
   knows the op),
-* ``IFNeuron`` -- the numpy reference semantics as an ``onnx.reference`` ``OpRun``,
+* ``if_step`` -- the numpy reference semantics, and ``IFNeuron``, the same as an
+  ``onnx.reference`` ``OpRun``,
 * ``make_function`` -- the op's body as a model-local ONNX function of standard ops, which
   stock onnxruntime inlines; a native kernel registered for the same domain/op wins over it.
 """
@@ -63,24 +64,31 @@ def check_attributes(threshold: float, reset_mode: str) -> None:
         raise ValueError(f"IFNeuron threshold must be a finite positive number, got {threshold!r}")
 
 
+def if_step(x: np.ndarray, v: np.ndarray, threshold: float = 1.0, reset_mode: str = "subtract",
+            v_reset: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+    """numpy reference semantics of one timestep: (spikes, next potential), in the inputs' dtype.
+    Like the ONNX op, ``threshold`` and ``v_reset`` are float32 values (ONNX float attributes)."""
+    if isinstance(reset_mode, bytes):
+        reset_mode = reset_mode.decode()
+    check_attributes(threshold, reset_mode)
+    dtype = np.result_type(x, v)
+    v1 = v + x
+    th = dtype.type(np.float32(threshold))
+    s = (v1 >= th).astype(dtype)
+    if reset_mode == "subtract":
+        v_next = v1 - s * th
+    else:
+        v_next = (dtype.type(1) - s) * v1 + s * dtype.type(np.float32(v_reset))
+    return s, v_next.astype(dtype)
+
+
 class IFNeuron(OpRun):
-    """numpy reference semantics of one timestep (``onnx.reference`` custom op)."""
+    """``onnx.reference`` custom op running ``if_step``."""
 
     op_domain = DOMAIN
 
     def _run(self, x, v, threshold=1.0, reset_mode="subtract", v_reset=0.0):
-        if isinstance(reset_mode, bytes):
-            reset_mode = reset_mode.decode()
-        check_attributes(threshold, reset_mode)
-        dtype = np.result_type(x, v)
-        v1 = v + x
-        th = dtype.type(threshold)
-        s = (v1 >= th).astype(dtype)
-        if reset_mode == "subtract":
-            v_next = v1 - s * th
-        else:
-            v_next = (dtype.type(1) - s) * v1 + s * dtype.type(v_reset)
-        return s, v_next.astype(dtype)
+        return if_step(x, v, threshold, reset_mode, v_reset)
 
 
 def make_node(x: str, v: str, s: str, v_next: str, name: str, *, threshold: float = 1.0,

@@ -23,8 +23,9 @@ KEY_OUTPUTS = "onnx_snn.outputs"
 KEY_CALIBRATION = "onnx_snn.calibration"
 KEY_SOURCE = "onnx_snn.source_sha256"
 KEY_CONVERTER = "onnx_snn.converter"
+KEY_RUNTIME_FORM = "onnx_snn.runtime_form"
 
-STATE_KINDS = ("membrane", "maxpool_sum")
+STATE_KINDS = ("membrane", "maxpool_sum", "output_sum")
 DECODINGS = ("sum",)
 
 
@@ -76,6 +77,47 @@ class State:
         """The state's value before the first timestep for a batch of ``batch`` samples."""
         shape = [batch] + [int(d) for d in self.shape[1:]]
         return np.broadcast_to(np.asarray(self.init, dtype=self.dtype), shape).copy()
+
+
+@dataclass
+class SpikeCount:
+    """A runtime-form output holding, per sample, the number of spikes of one neuron layer this step."""
+    output: str
+    layer: str        # the membrane state's input name (snn.v{k})
+    neurons: int      # neurons per sample in that layer
+
+
+@dataclass
+class RuntimeForm:
+    """The step model split for fast simulation (written by the converter, optional).
+
+    ``prefix`` (x -> ``boundary``) depends only on the analog input, so it runs once per batch;
+    ``body`` (``boundary`` + states -> states) runs once per timestep. The body's states include
+    one ``output_sum`` accumulator per output (decoding "sum" done on the device) and it also
+    outputs per-sample spike counts. Both are serialized ONNX models.
+    """
+    boundary: list[str]
+    prefix: bytes | None
+    body: bytes
+    states: list[State]
+    spike_counts: list[SpikeCount]
+
+    def to_json(self) -> str:
+        return json.dumps({"boundary": self.boundary,
+                           "prefix": base64.b64encode(self.prefix).decode() if self.prefix else None,
+                           "body": base64.b64encode(self.body).decode(),
+                           "states": [s.to_json() for s in self.states],
+                           "spike_counts": [vars(c) for c in self.spike_counts]})
+
+    @classmethod
+    def from_json(cls, text: str) -> "RuntimeForm":
+        try:
+            d = json.loads(text)
+            return cls(list(d["boundary"]), base64.b64decode(d["prefix"]) if d["prefix"] else None,
+                       base64.b64decode(d["body"]), [State.from_json(s) for s in d["states"]],
+                       [SpikeCount(**c) for c in d["spike_counts"]])
+        except (ValueError, TypeError, KeyError) as e:
+            raise FormatError(f"malformed runtime form in the model's metadata: {e}") from e
 
 
 @dataclass

@@ -1,0 +1,124 @@
+"""Runtime-form pass: embed the step model split for fast simulation (metadata ``onnx_snn.runtime_form``).
+
+The layers before the first neuron see only the analog input, which is the same at every
+timestep, so a runtime should evaluate them once per batch. A runtime without the ``onnx``
+package cannot cut a graph, so the converter does it here and embeds two small models:
+
+* ``prefix``: the source inputs -> the ``boundary`` tensors (everything that depends on the
+  inputs alone and feeds the rest); absent when the first neuron reads a graph input directly;
+* ``body``: boundary tensors + states -> next states, with one ``output_sum`` accumulator state
+  per output (the "sum over t" decoding done where the states live, e.g. on the GPU) and one
+  per-sample spike-count output per neuron layer (firing statistics).
+
+Guarantees: the main graph is unchanged; prefix then body computes what the main graph does
+(same ops, same constants); a model whose output does not depend on any state (no neuron)
+gets no runtime form. Costs: the body's weights are stored a second time (base64 in metadata).
+"""
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from onnx_snn_runtime.format import KEY_RUNTIME_FORM, RuntimeForm, SpikeCount, State, StepModelSpec
+
+from ..graph import export_model, import_graph
+from ..ops import if_neuron
+from .base import Pass, PassResult
+
+log = logging.getLogger(__name__)
+
+
+def _static_tensors(graph: gs.Graph, state_inputs: set[str]) -> set[str]:
+    """Names of tensors that depend only on the source inputs (and constants)."""
+    static = {t.name for t in graph.inputs if t.name not in state_inputs}
+    for node in graph.nodes:
+        live = [t for t in node.inputs if not t.is_empty() and not isinstance(t, gs.Constant)]
+        if all(t.name in static for t in live):
+            static.update(t.name for t in node.outputs)
+    return static
+
+
+def _serialize(graph: gs.Graph, like: onnx.ModelProto, with_neuron: bool) -> bytes:
+    model = export_model(graph, like)
+    if not with_neuron:
+        del model.functions[:]
+        keep = [o for o in model.opset_import if o.domain not in (if_neuron.DOMAIN, if_neuron.ML_DOMAIN)]
+        del model.opset_import[:]
+        model.opset_import.extend(keep)
+    del model.metadata_props[:]
+    onnx.checker.check_model(model, full_check=True)
+    return model.SerializeToString()
+
+
+class EmbedRuntimeForm(Pass):
+    def call(self, model: onnx.ModelProto) -> PassResult:
+        spec = StepModelSpec.from_metadata({p.key: p.value for p in model.metadata_props})
+        graph = import_graph(model)
+        graph.toposort()
+        state_inputs = {s.input for s in spec.states}
+        static = _static_tensors(graph, state_inputs)
+        if not spec.states or any(o.name in static for o in graph.outputs if o.name in spec.outputs):
+            log.info("no runtime form: an output does not depend on any neuron")
+            return PassResult(model, False)
+
+        tensors = graph.tensors()
+        boundary = []
+        for node in graph.nodes:
+            for t in node.inputs:
+                if (t.name in static and not isinstance(t, gs.Constant) and not t.is_empty()
+                        and not all(o.name in static for o in node.outputs) and t.name not in boundary):
+                    boundary.append(t.name)
+        source_inputs = [t.name for t in graph.inputs if t.name not in state_inputs]
+        prefix_bytes = None
+        if any(name not in source_inputs for name in boundary):
+            prefix = graph.copy()
+            ptensors = prefix.tensors()
+            prefix.outputs = [ptensors[name] for name in boundary]
+            prefix.cleanup(remove_unused_graph_inputs=True)
+            prefix.inputs = [t for t in prefix.inputs if t.name not in state_inputs]
+            prefix_bytes = _serialize(prefix, model, with_neuron=False)
+
+        body = graph.copy()
+        btensors = body.tensors()
+        for name in boundary:
+            btensors[name].inputs.clear()  # cut: the boundary becomes an input of the body
+        states = list(spec.states)
+        body.inputs = [btensors[name] for name in boundary] + [btensors[s.input] for s in spec.states]
+        outputs = [btensors[s.output] for s in spec.states]
+        for name in spec.outputs:
+            y = btensors[name]
+            acc_in = gs.Variable(f"snn.acc.{name}", dtype=y.dtype, shape=y.shape)
+            acc_out = gs.Variable(f"snn.acc.{name}.next", dtype=y.dtype, shape=y.shape)
+            body.nodes.append(gs.Node("Add", f"snn.acc.{name}.add", inputs=[acc_in, y], outputs=[acc_out]))
+            body.inputs.append(acc_in)
+            outputs.append(acc_out)
+            shape = [None] + [int(d) for d in y.shape[1:]] if y.shape and all(isinstance(d, int) for d in y.shape[1:]) else None
+            if shape is None:
+                log.info("no runtime form: output %s has a non-static shape", name)
+                return PassResult(model, False)
+            states.append(State(acc_in.name, acc_out.name, shape, str(np.dtype(y.dtype or np.float32)),
+                                "output_sum", name, 0.0))
+        counts = []
+        membrane = {s.output: s for s in spec.states if s.kind == "membrane"}
+        for node in body.nodes:
+            if node.op == if_neuron.OP_TYPE and node.outputs[1].name in membrane:
+                state = membrane[node.outputs[1].name]
+                spikes = node.outputs[0]
+                count = gs.Variable(f"{state.input}.spike_count", dtype=spikes.dtype, shape=[spikes.shape[0]])
+                axes = gs.Constant(f"{state.input}.count_axes", np.arange(1, len(state.shape), dtype=np.int64))
+                body.nodes.append(gs.Node("ReduceSum", f"{state.input}.count", attrs={"keepdims": 0},
+                                          inputs=[spikes, axes], outputs=[count]))
+                outputs.append(count)
+                counts.append(SpikeCount(count.name, state.input, int(np.prod(state.shape[1:]))))
+        body.outputs = outputs
+        body.cleanup(remove_unused_graph_inputs=False)
+        form = RuntimeForm(boundary, prefix_bytes, _serialize(body, model, with_neuron=True), states, counts)
+        out = onnx.ModelProto()
+        out.CopyFrom(model)
+        out.metadata_props.add(key=KEY_RUNTIME_FORM, value=form.to_json())
+        log.info("runtime form: prefix %s -> boundary %s; body with %d states",
+                 "present" if prefix_bytes else "empty", boundary, len(states))
+        return PassResult(out, True)

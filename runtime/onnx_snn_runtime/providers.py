@@ -1,0 +1,64 @@
+"""Choosing onnxruntime execution providers, with errors that say what to install."""
+from __future__ import annotations
+
+import logging
+import os
+
+import onnxruntime as ort
+
+from .errors import OnnxSnnError
+
+log = logging.getLogger(__name__)
+ALIASES = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+SUPPORTED = ("CPUExecutionProvider", "CUDAExecutionProvider")
+
+
+class ProviderError(OnnxSnnError):
+    """An execution provider was asked for that is not installed or cannot start."""
+
+
+def gpu_present() -> bool:
+    """A cheap check that avoids onnxruntime's loud CUDA load errors on machines without a GPU."""
+    return os.path.exists("/dev/nvidiactl") or os.path.exists("/dev/nvidia0")
+
+
+def resolve(providers) -> tuple[str, bool]:
+    """(provider name, explicitly requested) from None, 'cpu', 'cuda', a full name or a list."""
+    if providers is None:
+        if "CUDAExecutionProvider" in ort.get_available_providers() and gpu_present():
+            return "CUDAExecutionProvider", False
+        return "CPUExecutionProvider", False
+    if isinstance(providers, (list, tuple)):
+        if not providers:
+            raise ProviderError("providers is empty; give 'cpu', 'cuda' or leave it out")
+        providers = providers[0]
+        providers = providers[0] if isinstance(providers, tuple) else providers
+    name = ALIASES.get(str(providers).lower(), str(providers))
+    if name not in SUPPORTED:
+        raise ProviderError(f"provider {providers!r} is not supported; use one of cpu, cuda")
+    if name not in ort.get_available_providers():
+        raise ProviderError(f"provider {name} is not installed in this onnxruntime "
+                            f"(available: {', '.join(ort.get_available_providers())}); "
+                            "install onnxruntime-gpu for CUDA")
+    return name, True
+
+
+def session(model: bytes, provider: str, *, cuda_graph: bool = False, threads: int | None = None,
+            device_id: int = 0, optimize: bool = True) -> ort.InferenceSession:
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    if threads:
+        opts.intra_op_num_threads = threads
+    if not optimize:
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    if provider == "CUDAExecutionProvider":
+        options = {"device_id": str(device_id)}
+        if cuda_graph:
+            options["enable_cuda_graph"] = "1"
+        chosen = [("CUDAExecutionProvider", options), "CPUExecutionProvider"]
+    else:
+        chosen = ["CPUExecutionProvider"]
+    try:
+        return ort.InferenceSession(model, opts, providers=chosen)
+    except Exception as e:  # noqa: BLE001 - onnxruntime raises several types
+        raise ProviderError(f"onnxruntime could not create a session on {provider}: {e}") from e

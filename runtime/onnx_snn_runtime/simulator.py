@@ -1,0 +1,211 @@
+"""``Simulator``: run an SNN step model over T timesteps with onnxruntime (no torch, no converter)."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+from tqdm.auto import tqdm
+
+from . import providers as prov
+from .data import labelled_batches, prepare
+from .engine import Engine, Plan
+from .errors import DataError, OnnxSnnError
+from .format import KEY_RUNTIME_FORM, RuntimeForm, StepModelSpec
+
+log = logging.getLogger(__name__)
+
+
+def check_T(T: Any) -> int:
+    if isinstance(T, bool) or not isinstance(T, (int, np.integer)) or T <= 0:
+        raise OnnxSnnError(f"T={T!r}: the number of timesteps must be a positive integer")
+    return int(T)
+
+
+@dataclass
+class Evaluation:
+    """Accuracy after every timestep (index t-1 for t = 1..T) and per-layer mean firing rates."""
+    T: int
+    samples: int
+    accuracy: np.ndarray
+    firing_rates: dict[str, np.ndarray] = field(default_factory=dict)  # layer -> [T] spikes/neuron/step
+
+    def checkpoints(self) -> list[int]:
+        """t = 1, 2, 4, 8, ... and T."""
+        ts, t = [], 1
+        while t < self.T:
+            ts.append(t)
+            t *= 2
+        return ts + [self.T]
+
+    def to_json(self) -> dict:
+        return {"T": self.T, "samples": self.samples, "accuracy": [float(a) for a in self.accuracy],
+                "firing_rates": {k: [float(r) for r in v] for k, v in self.firing_rates.items()}}
+
+
+class Simulator:
+    """Loops an SNN step model over timesteps.
+
+    Args:
+        model: path to a step model (``.snn.onnx``) or its bytes.
+        providers: ``None`` (CUDA when a GPU is usable, else CPU), ``"cpu"``, ``"cuda"`` or a list.
+        cuda_graph: ``"auto"`` (on with CUDA when shapes allow), ``True`` or ``False``.
+        runtime_form: use the converter's split model (input layers once per batch); ``False``
+            runs the whole step graph every step.
+        threads: onnxruntime intra-op threads (default: onnxruntime's choice).
+        optimize: onnxruntime graph optimizations (default on). They fuse e.g. ``Conv -> Mul(1/λ)``
+            into one Conv with rescaled weights, which rounds differently in the last bit, so a
+            neuron right at its threshold may fire one step earlier or later. ``False`` runs the
+            graph exactly as written: bit-exact to the reference semantics, slower.
+    """
+
+    def __init__(self, model: str | os.PathLike | bytes, providers=None, *, cuda_graph="auto",
+                 runtime_form: bool = True, threads: int | None = None, device_id: int = 0,
+                 optimize: bool = True):
+        data = self._read(model)
+        provider, _ = prov.resolve(providers)
+        probe = prov.session(data, "CPUExecutionProvider", optimize=False)
+        meta = probe.get_modelmeta().custom_metadata_map
+        self.spec = StepModelSpec.from_metadata(meta)
+        state_inputs = {s.input for s in self.spec.states}
+        self.inputs = [(i.name, list(i.shape), _np_type(i.type)) for i in probe.get_inputs()
+                       if i.name not in state_inputs]
+        del probe
+        form = RuntimeForm.from_json(meta[KEY_RUNTIME_FORM]) if runtime_form and KEY_RUNTIME_FORM in meta else None
+        if form is not None:
+            plan = Plan(form.prefix, form.body, form.boundary, form.states, list(self.spec.outputs), form.spike_counts)
+        else:
+            plan = Plan(None, data, [n for n, _, _ in self.inputs], self.spec.states, list(self.spec.outputs))
+        self.layers = [s.input for s in self.spec.states if s.kind == "membrane"]
+        self._engine = Engine(plan, provider, cuda_graph=cuda_graph, threads=threads, device_id=device_id,
+                              optimize=optimize)
+        self.provider = "CUDAExecutionProvider" if self._engine.device == "cuda" else "CPUExecutionProvider"
+        self.firing_available = bool(plan.spike_counts)
+        self._streaming: int | None = None
+        log.info("simulator on %s, CUDA graphs %s, runtime form %s", self.provider,
+                 self._engine.cuda_graph_reason, "yes" if form else "no")
+
+    @staticmethod
+    def _read(model) -> bytes:
+        if isinstance(model, (bytes, bytearray)):
+            return bytes(model)
+        path = Path(model)
+        if not path.is_file():
+            raise OnnxSnnError(f"step model {path} does not exist; convert a model with `onnx-snn convert`")
+        return path.read_bytes()
+
+    @property
+    def cuda_graph(self) -> bool:
+        return self._engine.cuda_graph
+
+    @property
+    def cuda_graph_status(self) -> str:
+        return self._engine.cuda_graph_reason
+
+    def _feeds(self, x) -> dict[str, np.ndarray]:
+        if isinstance(x, dict):
+            missing = [n for n, _, _ in self.inputs if n not in x]
+            if missing:
+                raise DataError(f"no value for model input(s) {missing}")
+            return {n: prepare(x[n], shape, dtype, n) for n, shape, dtype in self.inputs}
+        if len(self.inputs) != 1:
+            raise DataError(f"the model has inputs {[n for n, _, _ in self.inputs]}; pass a dict")
+        name, shape, dtype = self.inputs[0]
+        return {name: prepare(x, shape, dtype, name)}
+
+    def _pad(self, feeds: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], int]:
+        """With CUDA graphs, a smaller batch is padded to the captured size (extra rows ignored)."""
+        n = len(next(iter(feeds.values())))
+        size = self._engine.batch
+        if self.cuda_graph and size is not None and n < size:
+            feeds = {k: np.concatenate([v, np.zeros((size - n,) + v.shape[1:], v.dtype)]) for k, v in feeds.items()}
+        return feeds, n
+
+    # -- streaming -----------------------------------------------------------------------------
+    def reset(self) -> None:
+        """Forget the state: the next ``step`` starts a new sequence."""
+        self._streaming = None
+
+    def step(self, x) -> np.ndarray:
+        """One timestep with input ``x``; returns the first output summed over the steps since ``reset``."""
+        feeds, n = self._pad(self._feeds(x))
+        batch = len(next(iter(feeds.values())))
+        if self._streaming is None:
+            self._engine.reset(batch)
+            self._streaming = n
+        elif n != self._streaming:
+            raise DataError(f"batch of {n} samples while streaming {self._streaming}; call reset() first")
+        self._engine.set_input(feeds)
+        outputs, _ = self._engine.advance(fetch_outputs=True)
+        return outputs[self.spec_outputs[0]][:n]
+
+    @property
+    def spec_outputs(self) -> list[str]:
+        return list(self.spec.outputs)
+
+    # -- whole sequences -------------------------------------------------------------------------
+    def run(self, x, T: int, *, per_step: bool = True, firing: bool = False):
+        """Decoded first output after each of T steps, shape [T, N, ...] (``per_step=False``: [N, ...]).
+
+        The input is constant: layers before the first neuron run once. With ``firing=True`` also
+        returns {layer: spike counts [T, N]} (empty for a step model without a runtime form).
+        """
+        T = check_T(T)
+        feeds, n = self._pad(self._feeds(x))
+        self._streaming = None
+        self._engine.reset(len(next(iter(feeds.values()))))
+        self._engine.set_input(feeds)
+        name = self.spec_outputs[0]
+        history, counts = [], {layer: [] for layer in self.layers} if firing else None
+        for t in range(T):
+            fetch = per_step or t == T - 1
+            outputs, c = self._engine.advance(fetch_outputs=fetch, fetch_counts=firing and self.firing_available)
+            if fetch:
+                history.append(outputs[name][:n])
+            if c:
+                for layer, value in c.items():
+                    counts[layer].append(value[:n])
+        result = np.stack(history) if per_step else history[-1]
+        if firing:
+            return result, {k: np.stack(v) for k, v in counts.items() if v}
+        return result
+
+    def evaluate(self, dataset, T: int, *, batch_size: int = 256, limit: int | None = None,
+                 progress: bool = True) -> Evaluation:
+        """Accuracy after every timestep over a labelled dataset (argmax of the summed first output),
+        like SpikingJelly's ``val(net, T)``, and the mean firing rate of each neuron layer per step."""
+        T = check_T(T)
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
+            raise OnnxSnnError(f"batch_size={batch_size!r} must be a positive integer")
+        batches, total = labelled_batches(dataset, batch_size, limit)
+        correct = np.zeros(T)
+        spikes = {layer: np.zeros(T) for layer in self.layers}
+        neurons = {s.input: int(np.prod(s.shape[1:])) for s in self.spec.states if s.kind == "membrane"}
+        seen = 0
+        bar = tqdm(total=total, desc=f"simulating T={T}", unit="img", disable=not progress, leave=False)
+        for x, y in batches:
+            out, counts = self.run(x, T, firing=True)
+            correct += (out.reshape(T, len(y), -1).argmax(-1) == np.asarray(y)[None]).sum(axis=1)
+            for layer, c in counts.items():
+                spikes[layer] += c.sum(axis=1)
+            seen += len(y)
+            bar.update(len(y))
+        bar.close()
+        rates = {layer: spikes[layer] / (seen * neurons[layer]) for layer in spikes} if self.firing_available else {}
+        return Evaluation(T, seen, correct / seen, rates)
+
+
+def _np_type(onnx_type: str) -> np.dtype:
+    table = {"tensor(float)": np.float32, "tensor(double)": np.float64, "tensor(float16)": np.float16}
+    if onnx_type not in table:
+        raise OnnxSnnError(f"model input type {onnx_type} is not supported by the simulator")
+    return np.dtype(table[onnx_type])
+
+
+def save_json(evaluation: Evaluation, path: str | os.PathLike, **extra) -> None:
+    Path(path).write_text(json.dumps({**evaluation.to_json(), **extra}, indent=2))

@@ -68,7 +68,7 @@ class Simulator:
                  runtime_form: bool = True, threads: int | None = None, device_id: int = 0,
                  optimize: bool = True):
         data = self._read(model)
-        provider, _ = prov.resolve(providers)
+        provider, explicit = prov.resolve(providers)
         probe = prov.session(data, "CPUExecutionProvider", optimize=False)
         meta = probe.get_modelmeta().custom_metadata_map
         self.spec = StepModelSpec.from_metadata(meta)
@@ -82,8 +82,14 @@ class Simulator:
         else:
             plan = Plan(None, data, [n for n, _, _ in self.inputs], self.spec.states, list(self.spec.outputs))
         self.layers = [s.input for s in self.spec.states if s.kind == "membrane"]
-        self._engine = Engine(plan, provider, cuda_graph=cuda_graph, threads=threads, device_id=device_id,
-                              optimize=optimize)
+        options = dict(cuda_graph=cuda_graph, threads=threads, device_id=device_id, optimize=optimize)
+        try:
+            self._engine = Engine(plan, provider, **options)
+        except prov.ProviderError as e:
+            if explicit or provider == "CPUExecutionProvider":
+                raise
+            log.warning("falling back to the CPU provider: %s", e)  # auto mode: a GPU without working CUDA
+            self._engine = Engine(plan, "CPUExecutionProvider", **options)
         self.provider = "CUDAExecutionProvider" if self._engine.device == "cuda" else "CPUExecutionProvider"
         self.firing_available = bool(plan.spike_counts)
         self._streaming: int | None = None

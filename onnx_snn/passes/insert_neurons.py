@@ -28,7 +28,7 @@ import onnx_graphsurgeon as gs
 
 from onnx_snn_runtime.format import KEY_STATES, State
 
-from ..errors import CalibrationError, OnnxSnnError
+from ..errors import CalibrationError, OnnxSnnError, OptionError
 from ..graph import channel_shape, export_model, import_graph
 from ..ops import if_neuron
 from .base import Pass, PassResult
@@ -59,7 +59,9 @@ class InsertNeurons(Pass):
             raise ValueError(f"neuron must be one of {NEURONS}")
         if_neuron.check_attributes(1.0, reset_mode)
         self.neuron, self.reset_mode, self.v_reset, self.v_init = neuron, reset_mode, v_reset, v_init
-        self.maxpool = maxpool if maxpool in STRATEGIES else "running_max"
+        if maxpool not in STRATEGIES:
+            raise OptionError(f"maxpool={maxpool!r}; use one of {', '.join(STRATEGIES)}")
+        self.maxpool = maxpool
 
     def call(self, model: onnx.ModelProto) -> PassResult:
         meta = {p.key: p.value for p in model.metadata_props}
@@ -98,7 +100,8 @@ class InsertNeurons(Pass):
         moved = len(readers) == 1 and readers[0].name in sites  # placed before its neuron on purpose
         return not (self.maxpool == "before_neuron" and moved)
 
-    def _const(self, graph, name, values, dtype):
+    @staticmethod
+    def _const(name, values, dtype):
         return gs.Constant(name, np.asarray(values, dtype=dtype))
 
     def _neuron(self, graph: gs.Graph, node: gs.Node, entry: dict, states: list[State], spiking: set[str]) -> None:
@@ -113,11 +116,11 @@ class InsertNeurons(Pass):
         base = f"snn.{node.name}"
         current = gs.Variable(f"{base}.current", dtype=dtype, shape=y.shape)
         fired = gs.Variable(f"{base}.spikes", dtype=dtype, shape=y.shape)
-        new = [gs.Node("Mul", f"{base}.scale_in", inputs=[x, self._const(graph, f"{base}.inv_lambda", 1.0 / lam_b, dtype)],
+        new = [gs.Node("Mul", f"{base}.scale_in", inputs=[x, self._const(f"{base}.inv_lambda", 1.0 / lam_b, dtype)],
                        outputs=[current])]
         if self.neuron == "analog":
-            new.append(gs.Node("Clip", f"{base}.clip", inputs=[current, self._const(graph, f"{base}.zero", 0.0, dtype),
-                                                                 self._const(graph, f"{base}.one", 1.0, dtype)],
+            new.append(gs.Node("Clip", f"{base}.clip", inputs=[current, self._const(f"{base}.zero", 0.0, dtype),
+                                                                 self._const(f"{base}.one", 1.0, dtype)],
                                outputs=[fired]))
         else:
             shape = _state_shape(node.name, y)
@@ -135,7 +138,7 @@ class InsertNeurons(Pass):
             spiking.add(y.name)
         node.outputs.clear()
         node.inputs.clear()
-        new.append(gs.Node("Mul", f"{base}.scale_out", inputs=[fired, self._const(graph, f"{base}.lambda", lam_b, dtype)],
+        new.append(gs.Node("Mul", f"{base}.scale_out", inputs=[fired, self._const(f"{base}.lambda", lam_b, dtype)],
                            outputs=[y]))
         graph.nodes.extend(new)
 

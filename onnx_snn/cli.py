@@ -10,8 +10,9 @@ import numpy as np
 
 from . import __version__
 from .calibration.mode import parse_mode
+from .calibration.data import load_npz
 from .converter import Converter
-from .errors import OnnxSnnError, OptionError
+from .errors import DataError, OnnxSnnError, OptionError
 from .io import save
 from .passes.maxpool import STRATEGIES
 from onnx_snn_runtime.cli import add_parser as add_run_parser
@@ -26,9 +27,9 @@ def _calibration_data(spec: str, limit: int | None):
         x, _ = load_fashion_mnist("train")
         return x[:limit] if limit else x
     if limit:
-        with np.load(spec) as z:
-            key = next((k for k in ("x", "images", "inputs") if k in z.files), z.files[0])
-            return z[key][:limit]
+        if not Path(spec).is_file():
+            raise DataError(f"calibration file {spec} does not exist")
+        return load_npz(Path(spec))[:limit]
     return spec
 
 

@@ -125,3 +125,11 @@ def test_data_forms_all_give_the_same_samples(tmp_path):
 def test_bad_calibration_data_is_refused(data, match):
     with pytest.raises(DataError, match=match):
         collect(data)
+
+
+def test_float16_activations_use_all_bins():
+    x = np.linspace(0, 0.5, 4096, dtype=np.float16).reshape(-1, 1)
+    hist = StreamingHistogram(1, 1 << 16)
+    hist.update(x)
+    exact = np.quantile(x.astype(np.float64), 0.9, method="inverted_cdf")
+    assert abs(hist.quantile(0.9)[0] - exact) <= hist.bin_width[0] * 1.001

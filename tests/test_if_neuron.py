@@ -37,7 +37,7 @@ def test_model_with_neuron_passes_full_check(opset):
 @pytest.mark.parametrize("threshold", [1.0, 0.37])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_function_body_equals_reference_over_many_steps(reset_mode, v_reset, threshold, dtype):
-    attrs = {"threshold": threshold} | ({"reset_mode": reset_mode, "v_reset": v_reset} if reset_mode != "subtract" else {})
+    attrs = if_neuron.attributes(threshold, reset_mode, v_reset)
     model = neuron_model(dtype=helper.np_dtype_to_tensor_dtype(np.dtype(dtype)), **attrs)
     reference = ReferenceEvaluator(model, new_ops=[if_neuron.IFNeuron])
     rng = np.random.default_rng(1)
@@ -67,7 +67,7 @@ def test_threshold_crossing_is_inclusive_and_reset_subtracts():
 
 
 def test_unknown_reset_mode_poisons_instead_of_guessing():
-    model = neuron_model(reset_mode="soft")
+    model = neuron_model(reset_mode=2)
     x = np.ones((1, 3, 5), np.float32)
     _, v_next = run_ort(model, {"x": x, "v": np.zeros_like(x)})
     assert np.isnan(v_next).all()
@@ -78,10 +78,21 @@ def test_unknown_reset_mode_poisons_instead_of_guessing():
 def test_make_node_rejects_bad_attributes():
     with pytest.raises(ValueError, match="reset_mode"):
         if_neuron.make_node("x", "v", "s", "vn", "n", reset_mode="hard")
+    with pytest.raises(ValueError, match="reset_mode"):
+        if_neuron.make_node("x", "v", "s", "vn", "n", reset_mode=3)
+    node = if_neuron.make_node("x", "v", "s", "vn", "n", reset_mode="zero")
+    assert {a.name: a.i for a in node.attribute}["reset_mode"] == 1
     with pytest.raises(ValueError, match="threshold"):
         if_neuron.make_node("x", "v", "s", "vn", "n", threshold=0.0)
     with pytest.raises(ValueError, match="opset"):
         if_neuron.make_function(13)
+
+
+def test_body_uses_only_standard_ops_a_gpu_provider_runs():
+    """No string or ai.onnx.ml op in the body: onnxruntime would keep it on the CPU and refuse CUDA graphs."""
+    fn = if_neuron.make_function(17)
+    assert [o.domain for o in fn.opset_import] == [""]
+    assert all(node.domain == "" for node in fn.node)
 
 
 def test_schema_is_registered():

@@ -243,3 +243,24 @@ def test_error_names_the_failing_pass():
     model = b.model({"x": [1, 4]}, [b.op("Sigmoid", ["x"])])
     with pytest.raises(UnsupportedOpError, match=r"^\[CheckSupport\]"):
         onnx_snn.Converter(calib((4,)), progress=False)(model)
+
+
+def test_generated_node_names_never_collide_with_existing_ones():
+    b = GraphBuilder()
+    r1 = b.op("Relu", ["x"])
+    b.nodes[-1].name = "Relu_1"  # the name the canonicaliser would give the second, unnamed Relu
+    y = b.op("Relu", [b.op("Mul", [r1, b.const(np.float32(2))])])
+    b.nodes[-1].name = ""
+    converter = onnx_snn.Converter(calib((4,)), progress=False)
+    converter(b.model({"x": ["N", 4]}, [y]))
+    names = [entry["node"] for entry in converter.report]
+    assert len(names) == 2 and len(set(names)) == 2 and "Relu_1" in names
+
+
+def test_overflowing_activations_are_a_calibration_error():
+    from onnx_snn.errors import CalibrationError
+    b = GraphBuilder()
+    big = b.op("Mul", [b.op("Mul", ["x", b.const(np.float32(1e38))]), b.const(np.float32(100))])  # inf
+    y = b.op("Relu", [big])
+    with pytest.raises(CalibrationError, match="overflows"):
+        onnx_snn.Converter(calib((4,)) + 1, mode="99%", progress=False)(b.model({"x": ["N", 4]}, [y]))

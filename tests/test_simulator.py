@@ -212,3 +212,12 @@ def test_errors_users_can_hit(small_net, tmp_path):
 def test_asking_for_cuda_without_a_gpu_is_a_clear_error(small_net):
     with pytest.raises(ProviderError, match="cpu"):
         Simulator(small_net[0], "cuda")
+
+
+def test_labels_that_do_not_match_the_inputs_are_refused(small_net):
+    path, x, *_ = small_net
+    sim = Simulator(path, "cpu")
+    with pytest.raises(DataError, match="class index per sample"):
+        sim.evaluate([(x[:4], np.zeros(3))], 2, progress=False)
+    with pytest.raises(DataError, match="class index per sample"):
+        sim.evaluate((x, np.zeros((16, 10))), 2, progress=False)

@@ -38,7 +38,7 @@ def _to_numpy(x: Any) -> np.ndarray:
     return np.asarray(x)
 
 
-def _load_npz(path: Path) -> np.ndarray:
+def load_npz(path: Path) -> np.ndarray:
     try:
         with np.load(path) as z:
             if not z.files:
@@ -92,7 +92,7 @@ def iterate_batches(data: Any, inputs: list[InputSpec], batch_size: int = 256) -
         path = Path(data)
         if not path.is_file():
             raise DataError(f"calibration file {path} does not exist")
-        data = _load_npz(path)
+        data = load_npz(path)
     if isinstance(data, np.ndarray) or hasattr(data, "detach"):
         data = {inputs[0].name: _to_numpy(data)}
     if isinstance(data, dict):
@@ -127,7 +127,7 @@ def iterate_batches(data: Any, inputs: list[InputSpec], batch_size: int = 256) -
 def first_input(data: Any) -> np.ndarray:
     """One sample (batch axis kept) of the data's first input, to trace a torch export with."""
     if isinstance(data, (str, os.PathLike)):
-        data = _load_npz(Path(data))
+        data = load_npz(Path(data))
     if isinstance(data, np.ndarray) or hasattr(data, "detach"):
         sample = _to_numpy(data)[:1]
     elif isinstance(data, dict):

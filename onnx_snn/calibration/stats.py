@@ -55,7 +55,11 @@ class StreamingHistogram:
 
     def update(self, x: np.ndarray) -> None:
         rows = self._rows(np.asarray(x))
+        if rows.dtype != np.float64:
+            rows = rows.astype(np.float32, copy=False)  # float16 cannot index 2^16 bins
         batch_max = rows.max(axis=1).astype(np.float64)
+        if not np.isfinite(batch_max).all():
+            raise ValueError("activations contain Inf or NaN")
         self.max = np.maximum(self.max, batch_max)
         if not self.histogram:
             self.n += rows.shape[1]

@@ -4,8 +4,8 @@ One timestep of an IF neuron with reset by subtraction (or hard reset to ``v_res
 
     v' = v + x                          # integrate the input current
     s  = 1 if v' >= threshold else 0    # fire (float 0/1)
-    v_next = v' - s * threshold         # reset_mode="subtract" (default)
-    v_next = (1 - s) * v' + s * v_reset # reset_mode="zero"
+    v_next = v' - s * threshold         # reset_mode = 0, "subtract" (default)
+    v_next = (1 - s) * v' + s * v_reset # reset_mode = 1, "zero" (hard reset)
 
 This is SpikingJelly's ``IFNode`` (``heaviside(v - v_threshold)``, soft reset for
 ``v_reset=None``), so spike trains match it step for step.
@@ -18,6 +18,10 @@ The module holds, and nothing else in the project repeats:
   ``onnx.reference`` ``OpRun``,
 * ``make_function`` -- the op's body as a model-local ONNX function of standard ops, which
   stock onnxruntime inlines; a native kernel registered for the same domain/op wins over it.
+
+The reset mode is an integer attribute (0 = "subtract", 1 = "zero"; the Python API takes the
+names). A string attribute would need a string op in the body, which no GPU provider runs:
+onnxruntime then keeps nodes on the CPU and refuses CUDA graphs.
 """
 from __future__ import annotations
 
@@ -30,10 +34,8 @@ from onnx.reference.op_run import OpRun
 DOMAIN = "onnx_snn"
 OP_TYPE = "IFNeuron"
 VERSION = 1
-ML_DOMAIN = "ai.onnx.ml"
-ML_OPSET = 2  # LabelEncoder with keys_strings/values_floats
 MIN_ONNX_OPSET = 15  # CastLike
-RESET_MODES = ("subtract", "zero")
+RESET_MODES = ("subtract", "zero")  # attribute value = index
 
 _DOC = __doc__.split("\n\n")[1]
 
@@ -47,8 +49,8 @@ SCHEMA = OpSchema(
     type_constraints=[("T", ["tensor(float)", "tensor(double)", "tensor(float16)"], "floating point")],
     attributes=[
         OpSchema.Attribute("threshold", helper.make_attribute("threshold", 1.0), "firing threshold"),
-        OpSchema.Attribute("reset_mode", helper.make_attribute("reset_mode", "subtract"),
-                           "'subtract' (reset by subtraction) or 'zero' (hard reset to v_reset)"),
+        OpSchema.Attribute("reset_mode", helper.make_attribute("reset_mode", 0),
+                           "0: reset by subtraction; 1: hard reset to v_reset"),
         OpSchema.Attribute("v_reset", helper.make_attribute("v_reset", 0.0), "potential after a hard reset"),
     ],
 )
@@ -56,26 +58,34 @@ if not onnx.defs.has(OP_TYPE, DOMAIN):
     onnx.defs.register_schema(SCHEMA)
 
 
-def check_attributes(threshold: float, reset_mode: str) -> None:
+def reset_code(reset_mode) -> int:
+    """The attribute value for a reset mode given by name ("subtract", "zero") or code (0, 1)."""
+    if isinstance(reset_mode, bytes):
+        reset_mode = reset_mode.decode()
+    if isinstance(reset_mode, str) and reset_mode in RESET_MODES:
+        return RESET_MODES.index(reset_mode)
+    if isinstance(reset_mode, (int, np.integer)) and not isinstance(reset_mode, bool) and 0 <= reset_mode < len(RESET_MODES):
+        return int(reset_mode)
+    raise ValueError(f"IFNeuron reset_mode must be one of {RESET_MODES} (or their codes 0, 1), got {reset_mode!r}")
+
+
+def check_attributes(threshold: float, reset_mode) -> None:
     """Raise ValueError for attribute values the op does not define."""
-    if reset_mode not in RESET_MODES:
-        raise ValueError(f"IFNeuron reset_mode must be one of {RESET_MODES}, got {reset_mode!r}")
+    reset_code(reset_mode)
     if not np.isfinite(threshold) or threshold <= 0:
         raise ValueError(f"IFNeuron threshold must be a finite positive number, got {threshold!r}")
 
 
-def if_step(x: np.ndarray, v: np.ndarray, threshold: float = 1.0, reset_mode: str = "subtract",
+def if_step(x: np.ndarray, v: np.ndarray, threshold: float = 1.0, reset_mode=0,
             v_reset: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
     """numpy reference semantics of one timestep: (spikes, next potential), in the inputs' dtype.
     Like the ONNX op, ``threshold`` and ``v_reset`` are float32 values (ONNX float attributes)."""
-    if isinstance(reset_mode, bytes):
-        reset_mode = reset_mode.decode()
     check_attributes(threshold, reset_mode)
     dtype = np.result_type(x, v)
     v1 = v + x
     th = dtype.type(np.float32(threshold))
     s = (v1 >= th).astype(dtype)
-    if reset_mode == "subtract":
+    if reset_code(reset_mode) == 0:
         v_next = v1 - s * th
     else:
         v_next = (dtype.type(1) - s) * v1 + s * dtype.type(np.float32(v_reset))
@@ -87,51 +97,57 @@ class IFNeuron(OpRun):
 
     op_domain = DOMAIN
 
-    def _run(self, x, v, threshold=1.0, reset_mode="subtract", v_reset=0.0):
+    def _run(self, x, v, threshold=1.0, reset_mode=0, v_reset=0.0):
         return if_step(x, v, threshold, reset_mode, v_reset)
 
 
 def make_node(x: str, v: str, s: str, v_next: str, name: str, *, threshold: float = 1.0,
-              reset_mode: str = "subtract", v_reset: float = 0.0) -> onnx.NodeProto:
+              reset_mode="subtract", v_reset: float = 0.0) -> onnx.NodeProto:
     check_attributes(threshold, reset_mode)
+    return helper.make_node(OP_TYPE, [x, v], [s, v_next], name=name, domain=DOMAIN, **attributes(
+        threshold, reset_mode, v_reset))
+
+
+def attributes(threshold: float = 1.0, reset_mode="subtract", v_reset: float = 0.0) -> dict:
+    """Node attributes for these settings (defaults left out)."""
     attrs = {"threshold": float(threshold)}
-    if reset_mode != "subtract":
-        attrs.update(reset_mode=reset_mode, v_reset=float(v_reset))
-    return helper.make_node(OP_TYPE, [x, v], [s, v_next], name=name, domain=DOMAIN, **attrs)
+    if reset_code(reset_mode) != 0:
+        attrs.update(reset_mode=reset_code(reset_mode), v_reset=float(v_reset))
+    return attrs
 
 
 def make_function(onnx_opset: int) -> onnx.FunctionProto:
     """The op's body from standard ops, for a model whose default-domain opset is ``onnx_opset``.
 
-    The reset mode is a string attribute; ``LabelEncoder`` turns it into 0 (subtract) or
-    1 (zero). An unknown mode maps to NaN, which poisons ``v_reset`` so every potential
-    becomes NaN instead of silently using the wrong reset. All of that is scalar work that
-    onnxruntime folds at load; per step the body costs Add, GreaterOrEqual, CastLike, the
-    two resets and a Where.
+    Attribute-only work (reading the attributes, the reset-mode check) is on scalars that
+    onnxruntime folds at load; per step the body costs Add, GreaterOrEqual, CastLike, the two
+    resets and a Where. A reset_mode other than 0 or 1 makes ``v_reset`` NaN (sqrt of a negative
+    number), hence every potential NaN, instead of silently picking a reset.
     """
     if onnx_opset < MIN_ONNX_OPSET:
         raise ValueError(f"IFNeuron's body needs opset >= {MIN_ONNX_OPSET}, got {onnx_opset}")
 
     def attr_const(out: str, attr: str, kind: str) -> onnx.NodeProto:
         node = helper.make_node("Constant", [], [out])
-        ref = onnx.AttributeProto(name=kind, ref_attr_name=attr,
-                                  type=onnx.AttributeProto.STRING if kind == "value_string"
-                                  else onnx.AttributeProto.FLOAT)
-        node.attribute.append(ref)
+        node.attribute.append(onnx.AttributeProto(
+            name=kind, ref_attr_name=attr,
+            type=onnx.AttributeProto.INT if kind == "value_int" else onnx.AttributeProto.FLOAT))
         return node
 
     n = helper.make_node
     nodes = [
         attr_const("th_f", "threshold", "value_float"),
         attr_const("vr_f", "v_reset", "value_float"),
-        attr_const("mode", "reset_mode", "value_string"),
-        n("LabelEncoder", ["mode"], ["hard_f"], domain=ML_DOMAIN, keys_strings=list(RESET_MODES),
-          values_floats=[0.0, 1.0], default_float=float("nan")),
-        n("Constant", [], ["zero_f"], value_float=0.0),
+        attr_const("mode_i", "reset_mode", "value_int"),
+        n("Cast", ["mode_i"], ["mode_f"], to=TensorProto.FLOAT),
         n("Constant", [], ["one_f"], value_float=1.0),
-        n("Mul", ["hard_f", "zero_f"], ["poison_f"]),        # 0, or NaN for an unknown mode
-        n("Add", ["vr_f", "poison_f"], ["vr_checked_f"]),
-        n("Cast", ["hard_f"], ["hard"], to=TensorProto.BOOL),
+        n("Sub", ["mode_f", "one_f"], ["mode_minus_one"]),
+        n("Mul", ["mode_f", "mode_minus_one"], ["invalid"]),          # 0 for modes 0 and 1
+        n("Mul", ["invalid", "invalid"], ["invalid_sq"]),
+        n("Neg", ["invalid_sq"], ["neg_invalid_sq"]),
+        n("Sqrt", ["neg_invalid_sq"], ["poison"]),                    # 0, or NaN for a bad mode
+        n("Add", ["vr_f", "poison"], ["vr_checked_f"]),
+        n("Cast", ["mode_i"], ["hard"], to=TensorProto.BOOL),
         n("CastLike", ["th_f", "X"], ["th"]),
         n("CastLike", ["vr_checked_f", "X"], ["vr"]),
         n("CastLike", ["one_f", "X"], ["one"]),
@@ -146,13 +162,10 @@ def make_function(onnx_opset: int) -> onnx.FunctionProto:
         n("Add", ["V_keep", "S_vr"], ["V_hard"]),
         n("Where", ["hard", "V_hard", "V_soft"], ["V_next"]),
     ]
-    fn = helper.make_function(
-        DOMAIN, OP_TYPE, ["X", "V"], ["S", "V_next"], nodes,
-        opset_imports=[helper.make_opsetid("", onnx_opset), helper.make_opsetid(ML_DOMAIN, ML_OPSET)],
-        attributes=[],
-    )
+    fn = helper.make_function(DOMAIN, OP_TYPE, ["X", "V"], ["S", "V_next"], nodes,
+                              opset_imports=[helper.make_opsetid("", onnx_opset)], attributes=[])
     fn.attribute_proto.extend([helper.make_attribute("threshold", 1.0),
-                               helper.make_attribute("reset_mode", "subtract"),
+                               helper.make_attribute("reset_mode", 0),
                                helper.make_attribute("v_reset", 0.0)])
     fn.doc_string = _DOC
     return fn
@@ -160,4 +173,4 @@ def make_function(onnx_opset: int) -> onnx.FunctionProto:
 
 def opset_imports() -> list[onnx.OperatorSetIdProto]:
     """The opsets a model that uses IFNeuron must import besides its default domain."""
-    return [helper.make_opsetid(DOMAIN, VERSION), helper.make_opsetid(ML_DOMAIN, ML_OPSET)]
+    return [helper.make_opsetid(DOMAIN, VERSION)]

@@ -8,7 +8,7 @@ activations above lambda. The graph itself is unchanged.
 
 Guarantees: every lambda is finite and > 0; for Clip(0, c) (ReLU6) lambda <= c. A layer that
 never activated gets lambda = 1 and a warning (its neurons then never fire, like the ReLU);
-a dead channel gets its layer's lambda.
+a dead channel gets the largest lambda of its layer's other channels.
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from ..calibration.data import InputSpec, iterate_batches
 from ..calibration.mode import Mode, parse_mode
 from ..calibration.stats import StreamingHistogram
-from ..errors import CalibrationError, OptionError
+from ..errors import CalibrationError, DataError, OptionError
 from ..graph import import_graph
 from ..support import NEURON_OPS, clip_bounds
 from .base import Pass, PassResult
@@ -90,11 +90,19 @@ class Calibrate(Pass):
             samples += len(next(iter(feeds.values())))
             if session is None:
                 continue
-            for i, act in enumerate(session.run([s.output for s in sites], feeds)):
+            try:
+                activations = session.run([s.output for s in sites], feeds)
+            except Exception as e:  # noqa: BLE001 - onnxruntime's own checks of the data
+                raise DataError(f"onnxruntime refused the calibration data: {e}") from e
+            for i, act in enumerate(activations):
                 if hists[i] is None:
                     channels = act.shape[1] if self.per_channel and act.ndim >= 2 else 1
                     hists[i] = StreamingHistogram(channels, self.bins, histogram=need_hist)
-                hists[i].update(act)
+                try:
+                    hists[i].update(act)
+                except ValueError as e:
+                    raise CalibrationError(f"layer {sites[i].node} ({sites[i].op}): {e}; the model overflows "
+                                           "on this data: check the weights and the input scaling") from e
         layers = [self._scale(site, hist) for site, hist in zip(sites, hists)]
         record = {"mode": str(self.mode), "per_channel": self.per_channel, "samples": samples,
                   "layers": layers}
@@ -121,7 +129,7 @@ class Calibrate(Pass):
                         "(its neurons will not fire). Check the calibration data.", site.node, site.op, hist.n)
             lam[:] = 1.0
         elif dead.any():
-            log.warning("layer %s: %d of %d channels never activated; they get the layer's lambda %.4g",
+            log.warning("layer %s: %d of %d channels never activated; they get the layer's largest lambda %.4g",
                         site.node, int(dead.sum()), lam.size, float(lam.max()))
             lam[dead] = lam.max()
         if not np.isfinite(lam).all():

@@ -104,6 +104,7 @@ class Canonicalize(Pass):
         graph = import_graph(infer_shapes(model))
         graph.toposort()
         names: set[str] = set()
+        taken = {n.name for n in graph.nodes if n.name}
         for i, node in enumerate(list(graph.nodes)):
             if node.op == "Constant" and is_standard(node):
                 node.outputs[0].to_constant(_constant_node_value(node))
@@ -130,7 +131,11 @@ class Canonicalize(Pass):
                     node.outputs.clear()
                     continue
             if not node.name or node.name in names:
-                node.name = f"{node.op}_{i}"
+                k = i
+                while f"{node.op}_{k}" in taken:
+                    k += 1
+                node.name = f"{node.op}_{k}"
+                taken.add(node.name)
             names.add(node.name)
         graph.cleanup(remove_unused_graph_inputs=False)
         out = export_model(graph, model)

@@ -92,6 +92,8 @@ def _fold_gemm(graph, gemm, s, t) -> bool:
 
 def _fold_matmul(graph, node, s, t) -> bool:
     """MatMul(x, W) or MatMul(x, W) -> Add(b), 2-D output: scale W's columns, fold t into the bias."""
+    if rank(node.outputs[0]) != 2:
+        return False  # BN's channel axis is the weight's column axis only for a [N, F] input
     add = None
     if node.op == "Add":
         add, bias_index = node, next((i for i in (0, 1) if const(node.inputs[i]) is not None), None)

@@ -56,7 +56,7 @@ class InsertNeurons(Pass):
     def __init__(self, neuron: str = "if", *, reset_mode: str = "subtract", v_reset: float = 0.0,
                  v_init: float = 0.0, maxpool: str = "running_max"):
         if neuron not in NEURONS:
-            raise ValueError(f"neuron must be one of {NEURONS}")
+            raise OptionError(f"neuron={neuron!r}; use one of {', '.join(NEURONS)}")
         if_neuron.check_attributes(1.0, reset_mode)
         self.neuron, self.reset_mode, self.v_reset, self.v_init = neuron, reset_mode, v_reset, v_init
         if maxpool not in STRATEGIES:
@@ -128,9 +128,7 @@ class InsertNeurons(Pass):
             v_out = gs.Variable(f"snn.v{k}.next", dtype=dtype, shape=y.shape)
             graph.inputs.append(v_in)
             graph.outputs.append(v_out)
-            attrs = {"threshold": 1.0}
-            if self.reset_mode != "subtract":
-                attrs.update(reset_mode=self.reset_mode, v_reset=float(self.v_reset))
+            attrs = if_neuron.attributes(1.0, self.reset_mode, self.v_reset)
             new.append(gs.Node(if_neuron.OP_TYPE, f"{base}.if", attrs=attrs, inputs=[current, v_in],
                                outputs=[fired, v_out], domain=if_neuron.DOMAIN))
             states.append(State(v_in.name, v_out.name, shape, str(dtype), "membrane", node.name,

@@ -23,6 +23,8 @@ a MaxPool with the whole plane as kernel, so all strategies apply to it.
 """
 from __future__ import annotations
 
+import logging
+
 import onnx
 import onnx_graphsurgeon as gs
 
@@ -30,12 +32,15 @@ from ..errors import OptionError
 from ..graph import export_model, import_graph, producer, sole_consumer
 from .base import Pass, PassResult
 
+log = logging.getLogger(__name__)
 STRATEGIES = ("running_max", "before_neuron", "plain")
 
 
 def _globalize(node: gs.Node) -> bool:
     shape = node.inputs[0].shape
     if shape is None or not all(isinstance(d, int) for d in shape[2:]):
+        log.warning("%s: GlobalMaxPool over dynamic spatial dims stays a plain per-step max "
+                    "(it overestimates rates); give the model static spatial sizes", node.name)
         return False
     node.op, node.attrs = "MaxPool", {"kernel_shape": list(shape[2:])}
     return True

@@ -5,7 +5,7 @@ timestep, so a runtime should evaluate them once per batch. A runtime without th
 package cannot cut a graph, so the converter does it here and embeds two small models:
 
 * ``prefix``: the source inputs -> the ``boundary`` tensors (everything that depends on the
-  inputs alone and feeds the rest); absent when the first neuron reads a graph input directly;
+  inputs alone and feeds the rest); absent only when every boundary tensor is a source input;
 * ``body``: boundary tensors + states -> next states, with one ``output_sum`` accumulator state
   per output (the "sum over t" decoding done where the states live, e.g. on the GPU) and one
   per-sample spike-count output per neuron layer (firing statistics).
@@ -45,7 +45,7 @@ def _serialize(graph: gs.Graph, like: onnx.ModelProto, with_neuron: bool) -> byt
     model = export_model(graph, like)
     if not with_neuron:
         del model.functions[:]
-        keep = [o for o in model.opset_import if o.domain not in (if_neuron.DOMAIN, if_neuron.ML_DOMAIN)]
+        keep = [o for o in model.opset_import if o.domain != if_neuron.DOMAIN]
         del model.opset_import[:]
         model.opset_import.extend(keep)
     del model.metadata_props[:]

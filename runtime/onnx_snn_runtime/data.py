@@ -65,7 +65,7 @@ def _pair_from(data: Any) -> tuple[np.ndarray, np.ndarray] | None:
         return to_numpy(x), to_numpy(y)
     if isinstance(data, tuple) and len(data) == 2 and not isinstance(data[0], tuple):
         x, y = to_numpy(data[0]), to_numpy(data[1])
-        if x.ndim >= 2 and y.ndim == 1:
+        if x.ndim >= 2:
             return x, y
     return None
 
@@ -75,8 +75,8 @@ def labelled_batches(data: Any, batch_size: int, limit: int | None = None) -> tu
     pair = _pair_from(data)
     if pair is not None:
         x, y = pair
-        if len(x) != len(y):
-            raise DataError(f"{len(x)} samples but {len(y)} labels")
+        if len(x) != len(y) or y.ndim != 1:
+            raise DataError(f"{len(x)} samples but labels of shape {y.shape}; give one class index per sample")
         if limit:
             x, y = x[:limit], y[:limit]
         if len(x) == 0:
@@ -89,6 +89,9 @@ def labelled_batches(data: Any, batch_size: int, limit: int | None = None) -> tu
                 if not isinstance(item, (tuple, list)) or len(item) < 2:
                     raise DataError("each batch of an iterable dataset must be (inputs, labels)")
                 x, y = to_numpy(item[0]), to_numpy(item[1])
+                if len(x) != len(y) or y.ndim != 1:
+                    raise DataError(f"a batch has {len(x)} inputs but labels of shape {y.shape}; give one "
+                                    "class index per sample")
                 if limit and seen + len(x) > limit:
                     x, y = x[: limit - seen], y[: limit - seen]
                 if len(x):

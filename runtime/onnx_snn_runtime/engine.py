@@ -68,6 +68,7 @@ class Engine:
         self.device = "cuda" if active == "CUDAExecutionProvider" else "cpu"
         self.batch: int | None = None
         self._boundary: dict[str, ort.OrtValue] = {}
+        self._provider, self._session_options = provider, opts
 
     # -- buffers -------------------------------------------------------------------------------
     def _ortvalue(self, array: np.ndarray) -> ort.OrtValue:
@@ -77,7 +78,9 @@ class Engine:
         self.batch = batch
         self._buffers = {s.input: [self._ortvalue(s.initial(batch)), self._ortvalue(s.initial(batch))]
                          for s in self.plan.states}
-        self._counts = {c.output: self._ortvalue(np.zeros(batch, np.float32)) for c in self.plan.spike_counts}
+        types = {o.name: o.type for o in self.body.get_outputs()}
+        self._counts = {c.output: self._ortvalue(np.zeros(batch, _NP_TYPES.get(types[c.output], np.float32)))
+                        for c in self.plan.spike_counts}
         self._bindings = [self.body.io_binding(), self.body.io_binding()]
         self._run_options = [ort.RunOptions(), ort.RunOptions()]
         if self.cuda_graph:
@@ -100,6 +103,14 @@ class Engine:
             for name in host_outputs:
                 binding.bind_output(name, self.device, self.device_id)
         self._bound = True
+
+    def _without_cuda_graph(self, error: Exception) -> None:
+        log.warning("CUDA graph capture failed, running without: %s", error)
+        self.cuda_graph, self.cuda_graph_reason = False, f"off: capture failed ({error})"
+        self.body = prov.session(self.plan.body, self._provider, **self._session_options)
+        self._bindings = [self.body.io_binding(), self.body.io_binding()]
+        self._run_options = [ort.RunOptions(), ort.RunOptions()]
+        self._bind()
 
     # -- stepping ------------------------------------------------------------------------------
     def reset(self, batch: int) -> None:
@@ -142,8 +153,14 @@ class Engine:
     def advance(self, fetch_outputs: bool = True, fetch_counts: bool = False):
         """One timestep. Returns (decoded outputs summed so far, spike counts) as host arrays when asked."""
         parity = self._parity
+        try:
+            self.body.run_with_iobinding(self._bindings[parity], self._run_options[parity])
+        except Exception as e:  # noqa: BLE001 - a capture can fail at the first run, not at load
+            if not self.cuda_graph:
+                raise
+            self._without_cuda_graph(e)  # inputs are untouched: this step can simply run again
+            self.body.run_with_iobinding(self._bindings[parity], self._run_options[parity])
         binding = self._bindings[parity]
-        self.body.run_with_iobinding(binding, self._run_options[parity])
         self._parity ^= 1
         outputs = counts = None
         accumulators = self.plan.accumulators
@@ -162,6 +179,9 @@ class Engine:
         if fetch_counts:
             counts = {c.layer: _host(self._counts[c.output]) for c in self.plan.spike_counts}
         return outputs, counts
+
+
+_NP_TYPES = {"tensor(float)": np.float32, "tensor(double)": np.float64, "tensor(float16)": np.float16}
 
 
 def _host(value: ort.OrtValue) -> np.ndarray:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 
 import onnxruntime as ort
 
@@ -19,7 +20,8 @@ class ProviderError(OnnxSnnError):
 
 def gpu_present() -> bool:
     """A cheap check that avoids onnxruntime's loud CUDA load errors on machines without a GPU."""
-    return os.path.exists("/dev/nvidiactl") or os.path.exists("/dev/nvidia0")
+    return (os.path.exists("/dev/nvidiactl") or os.path.exists("/dev/nvidia0")
+            or shutil.which("nvidia-smi") is not None)
 
 
 def resolve(providers) -> tuple[str, bool]:

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# The GPU checks of the runtime, as one script for a lent GPU machine (onnxruntime-gpu installed):
+# the CUDA test module, then the runtime benchmark. Output also goes to $OUT when set.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+# onnxruntime-gpu finds cuBLAS/cuDNN from NVIDIA's pip packages when they are on the library path
+NV=$(python3 -c "import glob, os, nvidia; print(':'.join(d for p in nvidia.__path__ for d in glob.glob(os.path.join(p, '*', 'lib'))))" 2>/dev/null)
+export LD_LIBRARY_PATH="${NV}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+export PYTHONPATH="$PWD:$PWD/runtime${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+LOG=${OUT:-/tmp}/device_check.log
+{
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+  python3 -c "import onnxruntime as o; print('onnxruntime', o.__version__, o.get_available_providers())"
+  python3 -m pytest -q -s -p no:cacheprovider tests/test_cuda.py
+  python3 bench/runtime.py --T 50 --repeats 3
+} 2>&1 | tee "$LOG"

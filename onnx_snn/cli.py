@@ -51,7 +51,12 @@ def cmd_convert(args: argparse.Namespace) -> int:
     if out.resolve() == Path(args.model).resolve() and not args.force:
         raise OptionError(f"output {out} is the input model; choose another -o or pass --force")
     mode = parse_mode(args.mode)  # refuse a bad mode before loading any data
+    try:
+        v_init = args.v_init if args.v_init == "half" else float(args.v_init)
+    except ValueError:
+        raise OptionError(f"--v-init {args.v_init!r}: give a number (in thresholds) or 'half'") from None
     converter = Converter(_calibration_data(args.calib, args.limit), mode, fuse_flag=not args.no_fuse,
+                          v_init=v_init, target_T=args.target_T,
                           per_channel=args.per_channel, maxpool=args.maxpool, reset_mode=args.reset,
                           batch_size=args.batch_size, bins=args.bins, progress=not args.quiet)
     snn = converter(args.model)
@@ -115,12 +120,16 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("convert", help="convert an ONNX ReLU network into an SNN step model")
     c.add_argument("model", help="source .onnx model")
     c.add_argument("--calib", required=True, help="calibration data: an .npz (array 'x') or 'fashion-mnist'")
-    c.add_argument("--mode", default="max", help="'max', a percentile like '99.9%%', or a fraction k of the max (default: max)")
+    c.add_argument("--mode", default="max", help="'max', a percentile like '99.9%%', a fraction k of the max, "
+                   "or 'search' (with --target-T) (default: max)")
     c.add_argument("-o", "--output", help="output path (default: MODEL with .snn.onnx)")
     c.add_argument("--per-channel", action="store_true", help="one scale per channel instead of per layer")
     c.add_argument("--no-fuse", action="store_true", help="do not fold BatchNormalization")
     c.add_argument("--maxpool", choices=STRATEGIES, default="running_max", help="MaxPool strategy (default: running_max)")
     c.add_argument("--reset", choices=("subtract", "zero"), default="subtract", help="neuron reset (default: subtract)")
+    c.add_argument("--v-init", default="0", help="initial membrane potential in thresholds: a number or 'half'")
+    c.add_argument("--target-T", type=int, default=None,
+                   help="timesteps the model is built for (recorded; needed by --mode search)")
     c.add_argument("--batch-size", type=int, default=256, help="calibration batch size (default: 256)")
     c.add_argument("--bins", type=int, default=None, help="histogram bins for percentiles (power of two)")
     c.add_argument("--limit", type=int, default=None, help="use only the first N calibration samples")

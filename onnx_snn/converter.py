@@ -41,7 +41,10 @@ class Converter:
         per_channel: one scale per channel (axis 1) instead of one per layer.
         maxpool: ``"running_max"``, ``"before_neuron"`` or ``"plain"`` (see ``passes.maxpool``).
         reset_mode: ``"subtract"`` (reset by subtraction) or ``"zero"`` (hard reset to ``v_reset``).
-        v_init: initial membrane potential (in units of the threshold).
+        v_init: initial membrane potential in units of the threshold: a number, or ``"half"``
+            (θ/2: rounds instead of flooring the rate code; Deng & Gu 2021, Bu et al. 2022).
+        target_T: the number of timesteps the model is built for: recorded in the step model
+            (``onnx-snn run`` uses it as default T) and used by ``mode="search"``.
         batch_size: calibration batch size when the data is an array.
         bins: histogram bins for percentiles (power of two; default 65536 per layer, 4096 per channel).
         exporter: torch exporter for ``torch.nn.Module`` inputs: ``"dynamo"`` or ``"torchscript"``.
@@ -53,9 +56,17 @@ class Converter:
 
     def __init__(self, dataloader: Any = None, mode: Any = "max", *, fuse_flag: bool = True,
                  per_channel: bool = False, maxpool: str = "running_max", reset_mode: str = "subtract",
-                 v_reset: float = 0.0, v_init: float = 0.0, batch_size: int = 256, bins: int | None = None,
-                 exporter: str = "dynamo", progress: bool = True):
+                 v_reset: float = 0.0, v_init: float | str = 0.0, batch_size: int = 256, bins: int | None = None,
+                 exporter: str = "dynamo", progress: bool = True, target_T: int | None = None):
         self.mode = parse_mode(mode)
+        if v_init == "half":
+            v_init = 0.5
+        if isinstance(v_init, str) or isinstance(v_init, bool):
+            raise OptionError(f"v_init={v_init!r}; give a number (in units of the threshold) or 'half'")
+        if target_T is not None and (isinstance(target_T, bool) or not isinstance(target_T, int) or target_T <= 0):
+            raise OptionError(f"target_T={target_T!r} must be a positive integer")
+        if self.mode.kind == "search" and target_T is None:
+            raise OptionError('mode="search" chooses lambda for a number of timesteps: give target_T')
         if maxpool not in STRATEGIES:
             raise OptionError(f"maxpool={maxpool!r}; use one of {', '.join(STRATEGIES)}")
         if reset_mode not in if_neuron.RESET_MODES:
@@ -71,12 +82,13 @@ class Converter:
         self.dataloader, self.fuse_flag, self.per_channel = dataloader, fuse_flag, per_channel
         self.maxpool, self.reset_mode, self.v_reset, self.v_init = maxpool, reset_mode, v_reset, v_init
         self.batch_size, self.bins, self.exporter, self.progress = batch_size, bins, exporter, progress
+        self.target_T = target_T
         self.report: list[dict] = []
 
     def options(self) -> dict:
         return {"mode": str(self.mode), "fuse_flag": self.fuse_flag, "per_channel": self.per_channel,
                 "maxpool": self.maxpool, "reset_mode": self.reset_mode, "v_reset": self.v_reset,
-                "v_init": self.v_init}
+                "v_init": self.v_init, "target_T": self.target_T}
 
     def passes(self, source_sha256: str = "", neuron: str = "if") -> list[Pass]:
         """The pipeline, in order. ``neuron="analog"`` builds the rescaled ANN instead (for checks)."""
@@ -86,7 +98,7 @@ class Converter:
         pipeline += [
             PlaceMaxPool(self.maxpool),
             Calibrate(self.dataloader, self.mode, per_channel=self.per_channel, batch_size=self.batch_size,
-                      bins=self.bins, progress=self.progress),
+                      bins=self.bins, progress=self.progress, target_T=self.target_T, v_init=self.v_init),
             InsertNeurons(neuron, reset_mode=self.reset_mode, v_reset=self.v_reset, v_init=self.v_init,
                           maxpool=self.maxpool),
         ]

@@ -1,5 +1,6 @@
-"""Parse the ``mode`` option: "max", a percentile "p%" (0 < p <= 100), or a fraction k of the max
-(0 < k <= 1, written as a number or as "1/3")."""
+"""Parse the ``mode`` option: "max", a percentile "p%" (0 < p <= 100), a fraction k of the max
+(0 < k <= 1, written as a number or as "1/3"), or "search" (the lambda that minimises the
+rate-coding error for the target T; see ``calibration.search``)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -9,11 +10,12 @@ from ..errors import OptionError
 
 @dataclass(frozen=True)
 class Mode:
-    kind: str      # "max" | "percentile" | "fraction"
+    kind: str      # "max" | "percentile" | "fraction" | "search"
     value: float   # percentile p in (0, 100] or fraction k in (0, 1]; 1.0 for max
 
     def __str__(self) -> str:
-        return {"max": "max", "percentile": f"{self.value:g}%", "fraction": f"{self.value:g}"}[self.kind]
+        return {"max": "max", "percentile": f"{self.value:g}%", "fraction": f"{self.value:g}",
+                "search": "search"}[self.kind]
 
 
 def parse_mode(mode) -> Mode:
@@ -25,6 +27,8 @@ def parse_mode(mode) -> Mode:
         text = mode.strip()
         if text.lower() == "max":
             return Mode("max", 1.0)
+        if text.lower() == "search":  # threshold search for the target T (calibration.search)
+            return Mode("search", 1.0)
         if text.endswith("%"):
             try:
                 p = float(text[:-1])

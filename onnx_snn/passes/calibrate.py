@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from ..calibration.data import InputSpec, iterate_batches
 from ..calibration.mode import Mode, parse_mode
+from ..calibration.search import search_threshold
 from ..calibration.stats import StreamingHistogram
 from ..errors import CalibrationError, DataError, OptionError
 from ..graph import import_graph
@@ -67,8 +68,12 @@ def _session(model: onnx.ModelProto, outputs: list[str]) -> ort.InferenceSession
 
 class Calibrate(Pass):
     def __init__(self, data, mode="max", *, per_channel: bool = False, batch_size: int = 256,
-                 bins: int | None = None, progress: bool = True):
+                 bins: int | None = None, progress: bool = True, target_T: int | None = None,
+                 v_init: float = 0.0):
         self.mode: Mode = parse_mode(mode)
+        if self.mode.kind == "search" and not target_T:
+            raise OptionError('mode="search" chooses lambda for a number of timesteps: give target_T')
+        self.target_T, self.v_init = target_T, v_init
         if not isinstance(batch_size, int) or batch_size <= 0:
             raise OptionError(f"batch_size={batch_size!r} must be a positive integer")
         self.data, self.per_channel, self.batch_size = data, per_channel, batch_size
@@ -118,6 +123,8 @@ class Calibrate(Pass):
             lam = hist.max.copy()
         elif self.mode.kind == "percentile":
             lam = hist.quantile(self.mode.value / 100.0)
+        elif self.mode.kind == "search":
+            lam = search_threshold(hist, self.target_T, self.v_init)
         else:
             lam = hist.max * self.mode.value
         if site.clip_max is not None:

@@ -53,7 +53,7 @@ def add_parser(sub) -> None:
     r.add_argument("model", help="SNN step model (.snn.onnx)")
     r.add_argument("--data", default="fashion-mnist",
                    help="'fashion-mnist' (test split), an .npz with x and y, or a folder of IDX files")
-    r.add_argument("--T", type=int, default=50, help="timesteps (default 50)")
+    r.add_argument("--T", type=int, default=None, help="timesteps (default: the model's target T, else 50)")
     r.add_argument("--batch-size", type=int, default=256)
     r.add_argument("--limit", type=int, default=None, help="use only the first N samples")
     r.add_argument("--provider", default=None, help="cpu or cuda (default: cuda when usable)")
@@ -66,7 +66,7 @@ def add_parser(sub) -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     sim = Simulator(args.model, args.provider, cuda_graph=False if args.no_cuda_graph else "auto")
-    T = args.T
+    T = args.T if args.T is not None else int(sim.spec.converter.get("target_T") or 50)
     print(f"provider: {sim.provider}; CUDA graphs {sim.cuda_graph_status}")
     ev = sim.evaluate(args.data, T, batch_size=args.batch_size, limit=args.limit, progress=not args.quiet)
     print(format_evaluation(ev))

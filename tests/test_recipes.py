@@ -1,0 +1,89 @@
+"""Conversion recipes for low T: threshold search, half-threshold initial potential, target T."""
+import numpy as np
+import pytest
+
+import onnx_snn
+from onnx_snn.calibration.search import quantised, search_threshold
+from onnx_snn.calibration.stats import StreamingHistogram
+from onnx_snn.cli import main
+from onnx_snn.errors import OptionError
+from onnx_snn_runtime import Simulator
+
+from onnx_builder import GraphBuilder
+
+
+@pytest.mark.parametrize("T,v_init", [(4, 0.5), (8, 0.5), (16, 0.0)])
+def test_threshold_search_finds_the_lambda_numpy_says_is_best(T, v_init):
+    rng = np.random.default_rng(T)
+    a = np.maximum(rng.standard_normal((20000, 1)) * 2 + rng.exponential(1.0, (20000, 1)), 0).astype(np.float32)
+    hist = StreamingHistogram(1, 1 << 16)
+    for chunk in np.array_split(a, 7):
+        hist.update(chunk)
+    chosen = search_threshold(hist, T, v_init)[0]
+    lams = hist.max[0] * np.arange(1, 257) / 256
+    exact = np.array([np.sum((a - quantised(a, lam, T, v_init)) ** 2) for lam in lams])  # on the raw values
+    err = np.sum((a - quantised(a, chosen, T, v_init)) ** 2)
+    assert err <= exact.min() * 1.01, (chosen, lams[exact.argmin()])
+    assert chosen < hist.max[0]  # at low T the best scale clips the tail
+
+
+def test_quantised_matches_an_if_neuron_simulation():
+    """The search's error model is exactly what an IF neuron does with a constant input."""
+    from onnx_snn.ops.if_neuron import if_step
+    a = np.linspace(0, 1.3, 97)
+    for v_init in (0.0, 0.5):
+        v, total = np.full_like(a, v_init), 0
+        for _ in range(8):
+            s, v = if_step(a, v)
+            total = total + s
+        np.testing.assert_allclose(total / 8, quantised(a, 1.0, 8, v_init))
+
+
+def constant_input_model():
+    b = GraphBuilder()
+    return b.model({"x": ["N", 50]}, [b.op("Relu", ["x"])])
+
+
+def test_half_threshold_initial_potential_rounds_the_rate_code():
+    x = np.random.default_rng(1).random((4, 50)).astype(np.float32)
+    converter = onnx_snn.Converter(x, mode="max", v_init="half", progress=False)
+    snn = converter(constant_input_model())
+    assert onnx_snn.spec(snn).states[0].init == 0.5
+    T = 8
+    out = Simulator(snn.SerializeToString(), "cpu", optimize=False).run(x, T)[-1]
+    lam = np.float32(converter.report[0]["lambda"])
+    expected = lam * np.minimum(np.floor(x * np.float32(1 / np.float64(lam)) * T + 0.5), T)
+    assert (np.abs(out - expected) > 1e-5).sum() <= 1  # a tie at .5 may round either way in float32
+
+
+def test_target_T_is_recorded_and_run_uses_it(bundled, tmp_path, capsys):
+    xc, _, xt, yt = bundled
+    path = tmp_path / "m.snn.onnx"
+    snn = onnx_snn.Converter(xc[:300], mode="search", target_T=8, v_init="half", progress=False)(
+        onnx_snn.load(__import__("conftest").SAMPLE_ONNX))
+    assert onnx_snn.spec(snn).converter["target_T"] == 8
+    onnx_snn.save(snn, path)
+    np.savez(tmp_path / "d.npz", x=xt[:200], y=yt[:200])
+    assert main(["run", str(path), "--data", str(tmp_path / "d.npz"), "-q"]) == 0
+    printed = capsys.readouterr().out
+    assert "t=    8" in printed and "t=   16" not in printed
+
+
+def test_search_beats_percentile_at_low_T_on_the_sample_cnn(bundled):
+    xc, _, xt, yt = bundled
+    source = onnx_snn.load(__import__("conftest").SAMPLE_ONNX)
+    acc = {}
+    for label, options in {"99.9%": dict(mode="99.9%"), "half": dict(mode="99.9%", v_init="half"),
+                           "search": dict(mode="search", target_T=8, v_init="half")}.items():
+        snn = onnx_snn.Converter(xc, progress=False, **options)(source)
+        acc[label] = Simulator(snn.SerializeToString(), "cpu").evaluate((xt, yt), 8, batch_size=500,
+                                                                        progress=False).accuracy[-1]
+    print("accuracy at T=8:", acc)
+    assert acc["search"] > acc["half"] > acc["99.9%"]
+
+
+@pytest.mark.parametrize("options,match", [({"mode": "search"}, "target_T"), ({"v_init": "third"}, "v_init"),
+                                           ({"target_T": 0}, "target_T"), ({"target_T": 2.5}, "target_T")])
+def test_recipe_options_are_checked(options, match):
+    with pytest.raises(OptionError, match=match):
+        onnx_snn.Converter(np.zeros((1, 4), np.float32), **options)

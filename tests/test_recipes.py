@@ -87,3 +87,37 @@ def test_search_beats_percentile_at_low_T_on_the_sample_cnn(bundled):
 def test_recipe_options_are_checked(options, match):
     with pytest.raises(OptionError, match=match):
         onnx_snn.Converter(np.zeros((1, 4), np.float32), **options)
+
+
+def test_bias_correction_makes_mean_snn_outputs_match_the_ann_layer_by_layer():
+    import json
+    from onnx_snn.passes.correct_bias import CorrectBias, analog_model
+    from onnx_snn_runtime.format import KEY_STATES, State
+    b = GraphBuilder(seed=4)
+    h = b.op("Relu", [b.op("Conv", ["x", b.rand(4, 2, 3, 3), b.rand(4)])])
+    y = b.op("Relu", [b.op("Conv", [h, b.rand(3, 4, 3, 3), b.rand(3)])])
+    model = b.model({"x": ["N", 2, 8, 8]}, [b.op("ReduceMean", [y], axes=[2, 3])])
+    x = np.random.default_rng(2).random((64, 2, 8, 8)).astype(np.float32)
+    T = 4
+    probe = CorrectBias(x, T)
+
+    def states_of(snn):
+        meta = {p.key: p.value for p in snn.metadata_props}
+        return [State.from_json(d) for d in json.loads(meta[KEY_STATES])]
+
+    def mean_errors(snn, reference):
+        """Per layer: max over channels of |mean ANN output - mean SNN output after T steps|;
+        the ANN is the rescaled original (``reference``'s IF neurons as Clip), not the shifted one."""
+        from onnx_snn.model_util import probe_session as _session
+        outputs = [e["output"] for e in onnx_snn.spec(reference).calibration["layers"]]
+        targets = _session(analog_model(reference, states_of(reference)), outputs).run(outputs, {"x": x})
+        return [np.abs((target - probe._snn_mean(snn, states_of(snn), {"x": x}, name)).mean(axis=(0, 2, 3))).max()
+                for name, target in zip(outputs, targets)]
+
+    plain = onnx_snn.Converter(x, mode="max", target_T=T, progress=False)(model)
+    corrected = onnx_snn.Converter(x, mode="max", target_T=T, bias_correction=True, progress=False)(model)
+    before, after = mean_errors(plain, plain), mean_errors(corrected, plain)
+    print("per-channel mean |ANN - SNN| before / after bias correction:", before, after)
+    assert all(a < 0.5 * b_ for a, b_ in zip(after, before))
+    shifts = onnx_snn.spec(corrected).calibration["layers"][0]["bias_shift"]
+    assert len(shifts) == 4 and all(s > 0 for s in shifts)  # too few spikes at T=4: shifted up

@@ -18,7 +18,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 from tqdm.auto import tqdm
 
 from ..calibration.data import InputSpec, iterate_batches
@@ -27,6 +26,7 @@ from ..calibration.search import search_threshold
 from ..calibration.stats import StreamingHistogram
 from ..errors import CalibrationError, DataError, OptionError
 from ..graph import import_graph
+from ..model_util import probe_session, with_metadata
 from ..support import NEURON_OPS, clip_bounds
 from .base import Pass, PassResult
 
@@ -54,18 +54,6 @@ def neuron_sites(model: onnx.ModelProto) -> list[Site]:
     return sites
 
 
-def _session(model: onnx.ModelProto, outputs: list[str]) -> ort.InferenceSession:
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
-    existing = {o.name for o in probe.graph.output}
-    for name in outputs:
-        if name not in existing:
-            probe.graph.output.add(name=name)
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    return ort.InferenceSession(probe.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-
-
 class Calibrate(Pass):
     def __init__(self, data, mode="max", *, per_channel: bool = False, batch_size: int = 256,
                  bins: int | None = None, progress: bool = True, target_T: int | None = None,
@@ -88,7 +76,7 @@ class Calibrate(Pass):
             log.warning("the model has no ReLU or Clip: nothing to calibrate, the SNN has no neurons")
         need_hist = self.mode.kind != "max"
         hists: list[StreamingHistogram | None] = [None] * len(sites)
-        session = _session(model, [s.output for s in sites]) if sites else None
+        session = probe_session(model, [s.output for s in sites]) if sites else None
         samples = 0
         for feeds in tqdm(batches, total=count, desc="calibrating", unit="batch", disable=not self.progress,
                           leave=False):
@@ -111,12 +99,7 @@ class Calibrate(Pass):
         layers = [self._scale(site, hist) for site, hist in zip(sites, hists)]
         record = {"mode": str(self.mode), "per_channel": self.per_channel, "samples": samples,
                   "layers": layers}
-        out = onnx.ModelProto()
-        out.CopyFrom(model)
-        for p in [p for p in out.metadata_props if p.key == METADATA_KEY]:
-            out.metadata_props.remove(p)
-        out.metadata_props.add(key=METADATA_KEY, value=json.dumps(record))
-        return PassResult(out, True)
+        return PassResult(with_metadata(model, METADATA_KEY, json.dumps(record)), True)
 
     def _scale(self, site: Site, hist: StreamingHistogram) -> dict:
         if self.mode.kind == "max":

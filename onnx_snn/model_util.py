@@ -1,0 +1,26 @@
+"""ModelProto helpers shared by passes: metadata replacement and onnxruntime probe sessions."""
+from __future__ import annotations
+
+import onnx
+import onnxruntime as ort
+
+
+def with_metadata(model: onnx.ModelProto, key: str, value: str) -> onnx.ModelProto:
+    """A copy of ``model`` whose metadata entry ``key`` is ``value`` (replaced if present)."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    for p in [p for p in out.metadata_props if p.key == key]:
+        out.metadata_props.remove(p)
+    out.metadata_props.add(key=key, value=value)
+    return out
+
+
+def probe_session(model: onnx.ModelProto, outputs: list[str]) -> ort.InferenceSession:
+    """A CPU session of ``model`` with the tensors ``outputs`` exposed as extra graph outputs."""
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    known = {o.name for o in probe.graph.output}
+    probe.graph.output.extend(onnx.ValueInfoProto(name=n) for n in outputs if n not in known)
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    return ort.InferenceSession(probe.SerializeToString(), opts, providers=["CPUExecutionProvider"])

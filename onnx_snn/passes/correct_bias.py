@@ -1,0 +1,119 @@
+"""Bias-correction pass (Li et al., ICML 2021, "A free lunch from ANN"), for a target T.
+
+Rate coding after few steps is biased: neurons start empty and the rate code floors, so a
+layer's mean output falls short of the ANN's, and the shortfall compounds downstream. For
+each neuron layer, in topological order, with every upstream layer already spiking and
+corrected, this pass simulates the step model for ``target_T`` steps on a calibration batch
+and compares, per channel (axis 1), the mean SNN output (sum over t / T) with the mean output
+of the rescaled ANN, ``clip(relu(z), 0, lambda)``. The difference is added to the layer's
+pre-activation (an ``Add`` before its ``Mul(1/lambda)``): a shift of d raises the rate of an
+unsaturated neuron by d / lambda.
+
+Guarantee: after the pass, each layer's per-channel mean output on the calibration batch
+after ``target_T`` steps is closer to the rescaled ANN's (exactly equal where no neuron of
+the channel saturates or sits at zero); the shifts are recorded per layer (``bias_shift``) in
+the calibration record. Nothing else changes.
+"""
+from __future__ import annotations
+
+import json
+import logging
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from onnx_snn_runtime.format import KEY_STATES, State
+
+from ..calibration.data import InputSpec, iterate_batches
+from ..errors import OptionError
+from ..graph import channel_shape, export_model, import_graph
+from ..model_util import probe_session, with_metadata
+from ..ops import if_neuron
+from .base import Pass, PassResult
+from .calibrate import METADATA_KEY as CALIBRATION_KEY
+
+log = logging.getLogger(__name__)
+
+
+def analog_model(model: onnx.ModelProto, states: list[State]) -> onnx.ModelProto:
+    """The step model with every IF neuron replaced by Clip(0, 1): the rescaled ANN. Running-max
+    pools fed zero sums compute a plain MaxPool, so their states stay inputs (fed zeros)."""
+    graph = import_graph(model)
+    membrane = {s.input for s in states if s.kind == "membrane"}
+    for node in [n for n in graph.nodes if n.op == if_neuron.OP_TYPE]:
+        current, spikes = node.inputs[0], node.outputs[0]
+        node.inputs.clear()
+        node.outputs.clear()
+        graph.nodes.append(gs.Node("Clip", f"{node.name}.analog", inputs=[
+            current, gs.Constant(f"{node.name}.zero", np.array(0, np.float32)),
+            gs.Constant(f"{node.name}.one", np.array(1, np.float32))], outputs=[spikes]))
+    graph.inputs = [t for t in graph.inputs if t.name not in membrane]
+    graph.outputs = [t for t in graph.outputs if t.name not in {s.output for s in states}]
+    out = export_model(graph, model)
+    del out.functions[:]
+    return out
+
+
+class CorrectBias(Pass):
+    def __init__(self, data, target_T: int | None, *, samples: int = 512, batch_size: int = 256):
+        if not target_T:
+            raise OptionError("bias correction is done for a number of timesteps: give target_T")
+        self.data, self.T, self.samples, self.batch_size = data, target_T, samples, batch_size
+
+    def _inputs(self, model: onnx.ModelProto, states: list[State]) -> dict[str, np.ndarray]:
+        skip = {t.name for t in model.graph.initializer} | {s.input for s in states}
+        specs = [InputSpec.of(i) for i in model.graph.input if i.name not in skip]
+        batches, _ = iterate_batches(self.data, specs, self.batch_size)
+        taken: dict[str, list] = {s.name: [] for s in specs}
+        count = 0
+        for feeds in batches:
+            for k, v in feeds.items():
+                taken[k].append(v)
+            count += len(next(iter(feeds.values())))
+            if count >= self.samples:
+                break
+        return {k: np.concatenate(v)[: self.samples] for k, v in taken.items()}
+
+    def _snn_mean(self, model, states, feeds, output) -> np.ndarray:
+        session = probe_session(model, [output])
+        n = len(next(iter(feeds.values())))
+        values = {s.input: s.initial(n) for s in states}
+        names = [output] + [s.output for s in states]
+        total = 0.0
+        for _ in range(self.T):
+            step = dict(zip(names, session.run(names, {**feeds, **values})))
+            values = {s.input: step[s.output] for s in states}
+            total = total + step[output]
+        return total / self.T
+
+    def call(self, model: onnx.ModelProto) -> PassResult:
+        meta = {p.key: p.value for p in model.metadata_props}
+        states = [State.from_json(d) for d in json.loads(meta[KEY_STATES])]
+        record = json.loads(meta[CALIBRATION_KEY])
+        feeds = self._inputs(model, states)
+        analog = analog_model(model, states)
+        zeros = {s.input: s.initial(len(next(iter(feeds.values())))) * 0 for s in states if s.kind != "membrane"}
+        targets = probe_session(analog, [e["output"] for e in record["layers"]]).run(
+            [e["output"] for e in record["layers"]], {**feeds, **zeros})
+        for entry, target in zip(record["layers"], targets):
+            snn = self._snn_mean(model, states, feeds, entry["output"])
+            axes = tuple(i for i in range(target.ndim) if i != 1) if target.ndim >= 2 else None
+            shift = np.asarray((target - snn).mean(axis=axes), dtype=np.float64)
+            model = self._add_shift(model, entry, shift)
+            entry["bias_shift"] = float(shift) if shift.ndim == 0 else [float(v) for v in shift]
+            log.info("bias correction %s: mean shift %.4g", entry["node"], float(np.mean(shift)))
+        return PassResult(with_metadata(model, CALIBRATION_KEY, json.dumps(record)), True)
+
+    @staticmethod
+    def _add_shift(model: onnx.ModelProto, entry: dict, shift: np.ndarray) -> onnx.ModelProto:
+        graph = import_graph(model)
+        scale_in = next(n for n in graph.nodes if n.name == f"snn.{entry['node']}.scale_in")
+        z = scale_in.inputs[0]
+        rank = len(z.shape) if z.shape is not None else 2
+        shifted = gs.Variable(f"snn.{entry['node']}.shifted", dtype=z.dtype, shape=z.shape)
+        value = channel_shape(shift, rank) if shift.ndim else shift
+        graph.nodes.append(gs.Node("Add", f"snn.{entry['node']}.bias_shift", inputs=[
+            z, gs.Constant(f"snn.{entry['node']}.bias_shift_value", np.asarray(value, np.float32))], outputs=[shifted]))
+        scale_in.inputs[0] = shifted
+        return export_model(graph, model)

@@ -48,6 +48,8 @@ class Converter:
             (``onnx-snn run`` uses it as default T) and used by ``mode="search"`` and bias correction.
         bias_correction: shift each layer's pre-activation so that its mean output after target_T
             steps matches the rescaled ANN's, layer by layer (``passes.correct_bias``).
+        potential_correction: then close each neuron's remaining gap through its initial membrane
+            potential (a per-neuron tensor in the step model).
         batch_size: calibration batch size when the data is an array.
         bins: histogram bins for percentiles (power of two; default 65536 per layer, 4096 per channel).
         exporter: torch exporter for ``torch.nn.Module`` inputs: ``"dynamo"`` or ``"torchscript"``.
@@ -61,7 +63,7 @@ class Converter:
                  per_channel: bool = False, maxpool: str = "running_max", reset_mode: str = "subtract",
                  v_reset: float = 0.0, v_init: float | str = 0.0, batch_size: int = 256, bins: int | None = None,
                  exporter: str = "dynamo", progress: bool = True, target_T: int | None = None,
-                 bias_correction: bool = False):
+                 bias_correction: bool = False, potential_correction: bool = False):
         self.mode = parse_mode(mode)
         if v_init == "half":
             v_init = 0.5
@@ -69,8 +71,9 @@ class Converter:
             raise OptionError(f"v_init={v_init!r}; give a number (in units of the threshold) or 'half'")
         if target_T is not None and (isinstance(target_T, bool) or not isinstance(target_T, int) or target_T <= 0):
             raise OptionError(f"target_T={target_T!r} must be a positive integer")
-        if (self.mode.kind == "search" or bias_correction) and target_T is None:
-            raise OptionError('mode="search" and bias_correction work for a number of timesteps: give target_T')
+        if (self.mode.kind == "search" or bias_correction or potential_correction) and target_T is None:
+            raise OptionError('mode="search" and the bias and potential corrections work for a number of '
+                              'timesteps: give target_T')
         if maxpool not in STRATEGIES:
             raise OptionError(f"maxpool={maxpool!r}; use one of {', '.join(STRATEGIES)}")
         if reset_mode not in if_neuron.RESET_MODES:
@@ -86,13 +89,14 @@ class Converter:
         self.dataloader, self.fuse_flag, self.per_channel = dataloader, fuse_flag, per_channel
         self.maxpool, self.reset_mode, self.v_reset, self.v_init = maxpool, reset_mode, v_reset, v_init
         self.batch_size, self.bins, self.exporter, self.progress = batch_size, bins, exporter, progress
-        self.target_T, self.bias_correction = target_T, bias_correction
+        self.target_T, self.bias_correction, self.potential_correction = target_T, bias_correction, potential_correction
         self.report: list[dict] = []
 
     def options(self) -> dict:
         return {"mode": str(self.mode), "fuse_flag": self.fuse_flag, "per_channel": self.per_channel,
                 "maxpool": self.maxpool, "reset_mode": self.reset_mode, "v_reset": self.v_reset,
-                "v_init": self.v_init, "target_T": self.target_T, "bias_correction": self.bias_correction}
+                "v_init": self.v_init, "target_T": self.target_T, "bias_correction": self.bias_correction,
+                "potential_correction": self.potential_correction}
 
     def passes(self, source_sha256: str = "", neuron: str = "if") -> list[Pass]:
         """The pipeline, in order. ``neuron="analog"`` builds the rescaled ANN instead (for checks)."""
@@ -106,8 +110,9 @@ class Converter:
             InsertNeurons(neuron, reset_mode=self.reset_mode, v_reset=self.v_reset, v_init=self.v_init,
                           maxpool=self.maxpool),
         ]
-        if neuron == "if" and self.bias_correction:
-            pipeline.append(CorrectBias(self.dataloader, self.target_T, batch_size=self.batch_size))
+        if neuron == "if" and (self.bias_correction or self.potential_correction):
+            pipeline.append(CorrectBias(self.dataloader, self.target_T, bias=self.bias_correction,
+                                        potential=self.potential_correction, batch_size=self.batch_size))
         if neuron == "if":
             pipeline += [WriteStepModel(source_sha256, self.options()), EmbedRuntimeForm()]
         return pipeline

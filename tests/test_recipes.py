@@ -121,3 +121,19 @@ def test_bias_correction_makes_mean_snn_outputs_match_the_ann_layer_by_layer():
     assert all(a < 0.5 * b_ for a, b_ in zip(after, before))
     shifts = onnx_snn.spec(corrected).calibration["layers"][0]["bias_shift"]
     assert len(shifts) == 4 and all(s > 0 for s in shifts)  # too few spikes at T=4: shifted up
+
+    def neuron_errors(snn):
+        """Per layer: mean over neurons of |mean over the batch of (ANN - SNN)|."""
+        from onnx_snn.model_util import probe_session
+        outputs = [e["output"] for e in onnx_snn.spec(plain).calibration["layers"]]
+        targets = probe_session(analog_model(plain, states_of(plain)), outputs).run(outputs, {"x": x})
+        return [np.abs((target - probe._snn_mean(snn, states_of(snn), {"x": x}, name)).mean(axis=0)).mean()
+                for name, target in zip(outputs, targets)]
+
+    both = onnx_snn.Converter(x, mode="max", target_T=T, bias_correction=True, potential_correction=True,
+                              progress=False)(model)
+    init = onnx_snn.spec(both).states[0].init
+    assert init.shape == (4, 6, 6) and 0 <= init.min() and init.max() <= 1  # per-neuron potentials
+    bias_only, with_potential = neuron_errors(corrected), neuron_errors(both)
+    print("per-neuron mean |ANN - SNN|, bias only / with potential correction:", bias_only, with_potential)
+    assert all(p < b_ for p, b_ in zip(with_potential, bias_only))

@@ -9,6 +9,12 @@ of the rescaled ANN, ``clip(relu(z), 0, lambda)``. The difference is added to th
 pre-activation (an ``Add`` before its ``Mul(1/lambda)``): a shift of d raises the rate of an
 unsaturated neuron by d / lambda.
 
+With ``potential=True`` (potential correction, same paper) the layer's remaining gap is then
+closed neuron by neuron through the initial membrane potential: a neuron whose mean output
+falls short by d (mean over the calibration batch) starts ``T * d / lambda`` thresholds
+higher, clipped to [0, 1], which adds about d to its output over T steps. The initial
+potentials become a per-neuron tensor in the state record.
+
 Guarantee: after the pass, each layer's per-channel mean output on the calibration batch
 after ``target_T`` steps is closer to the rescaled ANN's (exactly equal where no neuron of
 the channel saturates or sits at zero); the shifts are recorded per layer (``bias_shift``) in
@@ -56,10 +62,12 @@ def analog_model(model: onnx.ModelProto, states: list[State]) -> onnx.ModelProto
 
 
 class CorrectBias(Pass):
-    def __init__(self, data, target_T: int | None, *, samples: int = 512, batch_size: int = 256):
+    def __init__(self, data, target_T: int | None, *, bias: bool = True, potential: bool = False,
+                 samples: int = 512, batch_size: int = 256):
         if not target_T:
-            raise OptionError("bias correction is done for a number of timesteps: give target_T")
+            raise OptionError("bias and potential correction work for a number of timesteps: give target_T")
         self.data, self.T, self.samples, self.batch_size = data, target_T, samples, batch_size
+        self.bias, self.potential = bias, potential
 
     def _inputs(self, model: onnx.ModelProto, states: list[State]) -> dict[str, np.ndarray]:
         skip = {t.name for t in model.graph.initializer} | {s.input for s in states}
@@ -97,12 +105,20 @@ class CorrectBias(Pass):
         targets = probe_session(analog, [e["output"] for e in record["layers"]]).run(
             [e["output"] for e in record["layers"]], {**feeds, **zeros})
         for entry, target in zip(record["layers"], targets):
-            snn = self._snn_mean(model, states, feeds, entry["output"])
-            axes = tuple(i for i in range(target.ndim) if i != 1) if target.ndim >= 2 else None
-            shift = np.asarray((target - snn).mean(axis=axes), dtype=np.float64)
-            model = self._add_shift(model, entry, shift)
-            entry["bias_shift"] = float(shift) if shift.ndim == 0 else [float(v) for v in shift]
-            log.info("bias correction %s: mean shift %.4g", entry["node"], float(np.mean(shift)))
+            if self.bias:
+                snn = self._snn_mean(model, states, feeds, entry["output"])
+                axes = tuple(i for i in range(target.ndim) if i != 1) if target.ndim >= 2 else None
+                shift = np.asarray((target - snn).mean(axis=axes), dtype=np.float64)
+                model = self._add_shift(model, entry, shift)
+                entry["bias_shift"] = float(shift) if shift.ndim == 0 else [float(v) for v in shift]
+                log.info("bias correction %s: mean shift %.4g", entry["node"], float(np.mean(shift)))
+            if self.potential:
+                gap = (target - self._snn_mean(model, states, feeds, entry["output"])).mean(axis=0)
+                state = next(s for s in states if s.kind == "membrane" and s.layer == entry["node"])
+                lam = np.asarray(entry["lambda"], dtype=np.float64)
+                lam = channel_shape(lam, gap.ndim + 1) if lam.ndim else lam
+                state.init = np.clip(np.asarray(state.init) + self.T * gap / lam, 0.0, 1.0).astype(np.float32)
+                model = with_metadata(model, KEY_STATES, json.dumps([s.to_json() for s in states]))
         return PassResult(with_metadata(model, CALIBRATION_KEY, json.dumps(record)), True)
 
     @staticmethod

@@ -57,7 +57,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
         raise OptionError(f"--v-init {args.v_init!r}: give a number (in thresholds) or 'half'") from None
     converter = Converter(_calibration_data(args.calib, args.limit), mode, fuse_flag=not args.no_fuse,
                           v_init=v_init, target_T=args.target_T, bias_correction=args.bias_correction,
-                          potential_correction=args.potential_correction,
+                          potential_correction=args.potential_correction, output_decoding=args.output_decoding,
                           per_channel=args.per_channel, maxpool=args.maxpool, reset_mode=args.reset,
                           batch_size=args.batch_size, bins=args.bins, progress=not args.quiet)
     snn = converter(args.model)
@@ -135,6 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="correct each layer's mean output for --target-T steps (Li et al. 2021)")
     c.add_argument("--potential-correction", action="store_true",
                    help="then set per-neuron initial potentials for --target-T steps (Li et al. 2021)")
+    c.add_argument("--output-decoding", choices=("analog", "spikes"), default="analog",
+                   help="sum the last layer's outputs (analog, default) or make them neurons (spikes)")
     c.add_argument("--batch-size", type=int, default=256, help="calibration batch size (default: 256)")
     c.add_argument("--bins", type=int, default=None, help="histogram bins for percentiles (power of two)")
     c.add_argument("--limit", type=int, default=None, help="use only the first N calibration samples")

@@ -23,6 +23,7 @@ from .passes.correct_bias import CorrectBias
 from .passes.fold_batchnorm import FoldBatchNorm
 from .passes.insert_neurons import InsertNeurons
 from .passes.maxpool import STRATEGIES, PlaceMaxPool
+from .passes.output_neurons import AddOutputNeurons
 from .passes.output_softmax import DropOutputSoftmax
 from .passes.runtime_form import EmbedRuntimeForm
 from .passes.write_step_model import WriteStepModel
@@ -50,6 +51,8 @@ class Converter:
             steps matches the rescaled ANN's, layer by layer (``passes.correct_bias``).
         potential_correction: then close each neuron's remaining gap through its initial membrane
             potential (a per-neuron tensor in the step model).
+        output_decoding: ``"analog"`` (sum the last layer's outputs over time, default) or
+            ``"spikes"`` (the outputs become neurons; predictions by spike count).
         batch_size: calibration batch size when the data is an array.
         bins: histogram bins for percentiles (power of two; default 65536 per layer, 4096 per channel).
         exporter: torch exporter for ``torch.nn.Module`` inputs: ``"dynamo"`` or ``"torchscript"``.
@@ -63,7 +66,8 @@ class Converter:
                  per_channel: bool = False, maxpool: str = "running_max", reset_mode: str = "subtract",
                  v_reset: float = 0.0, v_init: float | str = 0.0, batch_size: int = 256, bins: int | None = None,
                  exporter: str = "dynamo", progress: bool = True, target_T: int | None = None,
-                 bias_correction: bool = False, potential_correction: bool = False):
+                 bias_correction: bool = False, potential_correction: bool = False,
+                 output_decoding: str = "analog"):
         self.mode = parse_mode(mode)
         if v_init == "half":
             v_init = 0.5
@@ -90,19 +94,24 @@ class Converter:
         self.maxpool, self.reset_mode, self.v_reset, self.v_init = maxpool, reset_mode, v_reset, v_init
         self.batch_size, self.bins, self.exporter, self.progress = batch_size, bins, exporter, progress
         self.target_T, self.bias_correction, self.potential_correction = target_T, bias_correction, potential_correction
+        if output_decoding not in ("analog", "spikes"):
+            raise OptionError(f"output_decoding={output_decoding!r}; use 'analog' or 'spikes'")
+        self.output_decoding = output_decoding
         self.report: list[dict] = []
 
     def options(self) -> dict:
         return {"mode": str(self.mode), "fuse_flag": self.fuse_flag, "per_channel": self.per_channel,
                 "maxpool": self.maxpool, "reset_mode": self.reset_mode, "v_reset": self.v_reset,
                 "v_init": self.v_init, "target_T": self.target_T, "bias_correction": self.bias_correction,
-                "potential_correction": self.potential_correction}
+                "potential_correction": self.potential_correction, "output_decoding": self.output_decoding}
 
     def passes(self, source_sha256: str = "", neuron: str = "if") -> list[Pass]:
         """The pipeline, in order. ``neuron="analog"`` builds the rescaled ANN instead (for checks)."""
         pipeline: list[Pass] = [Canonicalize(), DropOutputSoftmax(), CheckSupport()]
         if self.fuse_flag:
             pipeline.append(FoldBatchNorm())
+        if self.output_decoding == "spikes":
+            pipeline.append(AddOutputNeurons())
         pipeline += [
             PlaceMaxPool(self.maxpool),
             Calibrate(self.dataloader, self.mode, per_channel=self.per_channel, batch_size=self.batch_size,

@@ -137,3 +137,22 @@ def test_bias_correction_makes_mean_snn_outputs_match_the_ann_layer_by_layer():
     bias_only, with_potential = neuron_errors(corrected), neuron_errors(both)
     print("per-neuron mean |ANN - SNN|, bias only / with potential correction:", bias_only, with_potential)
     assert all(p < b_ for p, b_ in zip(with_potential, bias_only))
+
+
+def test_spike_count_output_decoding(bundled):
+    xc, _, xt, yt = bundled
+    converter = onnx_snn.Converter(xc, mode="99.9%", output_decoding="spikes", progress=False)
+    snn = converter(onnx_snn.load(__import__("conftest").SAMPLE_ONNX))
+    spec = onnx_snn.spec(snn)
+    assert len(spec.states) == 4 and spec.outputs == {"logits": "sum"}
+    lam = converter.report[-1]["lambda"]
+    out = Simulator(snn.SerializeToString(), "cpu").run(xt[:500], 50)
+    counts = out / np.float32(lam)
+    np.testing.assert_allclose(counts, np.round(counts), atol=1e-3)  # the readout is lambda x spike counts
+    accuracy = (out[-1].argmax(-1) == yt[:500]).mean()
+    assert accuracy > 0.85, accuracy
+
+
+def test_bad_output_decoding_is_refused():
+    with pytest.raises(OptionError, match="output_decoding"):
+        onnx_snn.Converter(np.zeros((1, 4), np.float32), output_decoding="rates")

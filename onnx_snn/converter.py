@@ -38,7 +38,8 @@ class Converter:
     Args:
         dataloader: calibration data: a numpy array, an ``.npz`` path, a dict of arrays, or an
             iterable of batches (arrays, tensors, ``(x, label)`` tuples; a torch DataLoader).
-        mode: ``"max"``, a percentile ``"p%"`` (0 < p <= 100) or a fraction k (0 < k <= 1) of the max.
+        mode: ``"max"``, a percentile ``"p%"`` (0 < p <= 100), a fraction k (0 < k <= 1, or ``"1/3"``)
+            of the max, or ``"search"`` (the scale minimising the rate-coding error for ``target_T``).
         fuse_flag: fold BatchNormalization into the preceding layer (else it stays, as an affine).
         per_channel: one scale per channel (axis 1) instead of one per layer.
         maxpool: ``"running_max"``, ``"before_neuron"`` or ``"plain"`` (see ``passes.maxpool``).

@@ -154,3 +154,13 @@ def test_metadata_of_a_plain_model_is_refused():
         StepModelSpec.from_metadata({KEY_FORMAT: "99"})
     with pytest.raises(FormatError, match="malformed"):
         StepModelSpec.from_metadata({KEY_FORMAT: "1", "onnx_snn.states": json.dumps([{"input": "a"}])})
+
+
+@pytest.mark.parametrize("name,layers", [("vgg8", 8), ("resnet20", 19), ("maxpool_cnn", 3)])
+def test_committed_models_convert_and_run(name, layers, bundled):
+    xc, _, xt, yt = bundled
+    converter = onnx_snn.Converter(xc[:64], mode="99.9%", progress=False)
+    snn = converter(ROOT / "models" / f"{name}.onnx")
+    assert len(converter.report) == layers
+    out = simulate(session(snn), {"input": xt[:16]}, 4)
+    assert np.isfinite(next(iter(out.values()))).all()

@@ -16,6 +16,8 @@ import numpy as np
 import onnx
 from onnx import helper
 
+from onnx_snn_runtime.data import to_numpy
+
 from ..errors import DataError
 
 
@@ -30,12 +32,6 @@ class InputSpec:
         t = value_info.type.tensor_type
         shape = tuple(d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim)
         return cls(value_info.name, shape, np.dtype(helper.tensor_dtype_to_np_dtype(t.elem_type)))
-
-
-def _to_numpy(x: Any) -> np.ndarray:
-    if hasattr(x, "detach"):  # torch.Tensor, without importing torch
-        x = x.detach().cpu().numpy()
-    return np.asarray(x)
 
 
 def load_npz(path: Path) -> np.ndarray:
@@ -57,12 +53,12 @@ def _batches_of(arrays: dict[str, np.ndarray], batch_size: int) -> Iterator[dict
 
 def _feeds(item: Any, inputs: list[InputSpec]) -> dict[str, np.ndarray]:
     if isinstance(item, dict):
-        return {k: _to_numpy(v) for k, v in item.items()}
+        return {k: to_numpy(v) for k, v in item.items()}
     if isinstance(item, (tuple, list)) and not (len(inputs) > 1 and len(item) == len(inputs)):
         item = item[0]  # (x, label, ...)
     if isinstance(item, (tuple, list)):
-        return {spec.name: _to_numpy(v) for spec, v in zip(inputs, item)}
-    return {inputs[0].name: _to_numpy(item)}
+        return {spec.name: to_numpy(v) for spec, v in zip(inputs, item)}
+    return {inputs[0].name: to_numpy(item)}
 
 
 def validate(feeds: dict[str, np.ndarray], inputs: list[InputSpec], where: str) -> dict[str, np.ndarray]:
@@ -94,9 +90,9 @@ def iterate_batches(data: Any, inputs: list[InputSpec], batch_size: int = 256) -
             raise DataError(f"calibration file {path} does not exist")
         data = load_npz(path)
     if isinstance(data, np.ndarray) or hasattr(data, "detach"):
-        data = {inputs[0].name: _to_numpy(data)}
+        data = {inputs[0].name: to_numpy(data)}
     if isinstance(data, dict):
-        arrays = {k: _to_numpy(v) for k, v in data.items()}
+        arrays = {k: to_numpy(v) for k, v in data.items()}
         n = {len(v) if v.ndim else 0 for v in arrays.values()}
         if n == {0} or not arrays:
             raise DataError("calibration data is empty; give at least one sample")
@@ -129,16 +125,16 @@ def first_input(data: Any) -> np.ndarray:
     if isinstance(data, (str, os.PathLike)):
         data = load_npz(Path(data))
     if isinstance(data, np.ndarray) or hasattr(data, "detach"):
-        sample = _to_numpy(data)[:1]
+        sample = to_numpy(data)[:1]
     elif isinstance(data, dict):
-        sample = _to_numpy(next(iter(data.values())))[:1]
+        sample = to_numpy(next(iter(data.values())))[:1]
     else:
         item = next(iter(data), None)
         if isinstance(item, dict):
             item = next(iter(item.values()))
         elif isinstance(item, (tuple, list)):
             item = item[0]
-        sample = None if item is None else _to_numpy(item)[:1]
+        sample = None if item is None else to_numpy(item)[:1]
     if sample is None or len(sample) == 0:
         raise DataError("calibration data is empty; give at least one sample")
     return sample

@@ -29,7 +29,8 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from onnx_snn_runtime.format import KEY_STATES, State
+from onnx_snn_runtime.format import KEY_STATES, State, StepModelSpec
+from onnx_snn_runtime.loop import simulate
 
 from ..calibration.data import InputSpec, iterate_batches
 from ..errors import OptionError
@@ -84,16 +85,9 @@ class CorrectBias(Pass):
         return {k: np.concatenate(v)[: self.samples] for k, v in taken.items()}
 
     def _snn_mean(self, model, states, feeds, output) -> np.ndarray:
-        session = probe_session(model, [output])
-        n = len(next(iter(feeds.values())))
-        values = {s.input: s.initial(n) for s in states}
-        names = [output] + [s.output for s in states]
-        total = 0.0
-        for _ in range(self.T):
-            step = dict(zip(names, session.run(names, {**feeds, **values})))
-            values = {s.input: step[s.output] for s in states}
-            total = total + step[output]
-        return total / self.T
+        """Mean over the T steps of the tensor ``output`` of the step model."""
+        spec = StepModelSpec(states, {output: "sum"})
+        return simulate(probe_session(model, [output]), feeds, self.T, spec, per_step=False)[output] / self.T
 
     def call(self, model: onnx.ModelProto) -> PassResult:
         meta = {p.key: p.value for p in model.metadata_props}

@@ -17,6 +17,7 @@ import numpy as np
 import onnxruntime as ort
 
 from . import providers as prov
+from .errors import OnnxSnnError
 from .format import SpikeCount, State
 
 log = logging.getLogger(__name__)
@@ -79,7 +80,7 @@ class Engine:
         self._buffers = {s.input: [self._ortvalue(s.initial(batch)), self._ortvalue(s.initial(batch))]
                          for s in self.plan.states}
         types = {o.name: o.type for o in self.body.get_outputs()}
-        self._counts = {c.output: self._ortvalue(np.zeros(batch, _NP_TYPES.get(types[c.output], np.float32)))
+        self._counts = {c.output: self._ortvalue(np.zeros(batch, np_type(types[c.output])))
                         for c in self.plan.spike_counts}
         self._bindings = [self.body.io_binding(), self.body.io_binding()]
         self._run_options = [ort.RunOptions(), ort.RunOptions()]
@@ -182,6 +183,13 @@ class Engine:
 
 
 _NP_TYPES = {"tensor(float)": np.float32, "tensor(double)": np.float64, "tensor(float16)": np.float16}
+
+
+def np_type(onnx_type: str) -> np.dtype:
+    """numpy dtype of an onnxruntime type string such as 'tensor(float)' (floating types only)."""
+    if onnx_type not in _NP_TYPES:
+        raise OnnxSnnError(f"tensor type {onnx_type} is not supported by the simulator; use float, double or float16")
+    return np.dtype(_NP_TYPES[onnx_type])
 
 
 def _host(value: ort.OrtValue) -> np.ndarray:

@@ -15,11 +15,17 @@ def spec_of(session: ort.InferenceSession) -> StepModelSpec:
     return StepModelSpec.from_metadata(session.get_modelmeta().custom_metadata_map)
 
 
-def simulate(session: ort.InferenceSession, feeds: Mapping[str, np.ndarray], T: int,
-             spec: StepModelSpec | None = None) -> dict[str, np.ndarray]:
-    """Decoded outputs after every timestep: ``{output name: array [T, N, ...]}``."""
-    if not isinstance(T, (int, np.integer)) or isinstance(T, bool) or T <= 0:
+def check_T(T) -> int:
+    if isinstance(T, bool) or not isinstance(T, (int, np.integer)) or T <= 0:
         raise OnnxSnnError(f"T={T!r}: the number of timesteps must be a positive integer")
+    return int(T)
+
+
+def simulate(session: ort.InferenceSession, feeds: Mapping[str, np.ndarray], T: int,
+             spec: StepModelSpec | None = None, *, per_step: bool = True) -> dict[str, np.ndarray]:
+    """Decoded outputs ``{output name: array}``: after every timestep ([T, N, ...]), or with
+    ``per_step=False`` only after the last ([N, ...], no history kept)."""
+    T = check_T(T)
     spec = spec or spec_of(session)
     batch = len(next(iter(feeds.values())))
     states = {s.input: s.initial(batch) for s in spec.states}
@@ -31,6 +37,7 @@ def simulate(session: ort.InferenceSession, feeds: Mapping[str, np.ndarray], T: 
         step = dict(zip(names, values))
         states = {s.input: step[s.output] for s in spec.states}
         totals = {k: step[k] if totals is None else totals[k] + step[k] for k in spec.outputs}
-        for k in spec.outputs:
-            history[k].append(totals[k])
-    return {k: np.stack(v) for k, v in history.items()}
+        if per_step:
+            for k in spec.outputs:
+                history[k].append(totals[k])
+    return {k: np.stack(v) for k, v in history.items()} if per_step else totals

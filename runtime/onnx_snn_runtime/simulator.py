@@ -14,17 +14,12 @@ from tqdm.auto import tqdm
 
 from . import providers as prov
 from .data import labelled_batches, prepare
-from .engine import Engine, Plan
+from .engine import Engine, Plan, np_type
 from .errors import DataError, OnnxSnnError
 from .format import KEY_RUNTIME_FORM, RuntimeForm, StepModelSpec
+from .loop import check_T
 
 log = logging.getLogger(__name__)
-
-
-def check_T(T: Any) -> int:
-    if isinstance(T, bool) or not isinstance(T, (int, np.integer)) or T <= 0:
-        raise OnnxSnnError(f"T={T!r}: the number of timesteps must be a positive integer")
-    return int(T)
 
 
 @dataclass
@@ -73,7 +68,7 @@ class Simulator:
         meta = probe.get_modelmeta().custom_metadata_map
         self.spec = StepModelSpec.from_metadata(meta)
         state_inputs = {s.input for s in self.spec.states}
-        self.inputs = [(i.name, list(i.shape), _np_type(i.type)) for i in probe.get_inputs()
+        self.inputs = [(i.name, list(i.shape), np_type(i.type)) for i in probe.get_inputs()
                        if i.name not in state_inputs]
         del probe
         form = RuntimeForm.from_json(meta[KEY_RUNTIME_FORM]) if runtime_form and KEY_RUNTIME_FORM in meta else None
@@ -204,13 +199,6 @@ class Simulator:
         bar.close()
         rates = {layer: spikes[layer] / (seen * neurons[layer]) for layer in spikes} if self.firing_available else {}
         return Evaluation(T, seen, correct / seen, rates)
-
-
-def _np_type(onnx_type: str) -> np.dtype:
-    table = {"tensor(float)": np.float32, "tensor(double)": np.float64, "tensor(float16)": np.float16}
-    if onnx_type not in table:
-        raise OnnxSnnError(f"model input type {onnx_type} is not supported by the simulator")
-    return np.dtype(table[onnx_type])
 
 
 def save_json(evaluation: Evaluation, path: str | os.PathLike, **extra) -> None:

@@ -50,9 +50,9 @@ def cmd_convert(args: argparse.Namespace) -> int:
     out = Path(args.output) if args.output else Path(args.model).with_suffix(".snn.onnx")
     if out.resolve() == Path(args.model).resolve() and not args.force:
         raise OptionError(f"output {out} is the input model; choose another -o or pass --force")
-    mode = parse_mode(args.mode)  # refuse a bad mode before loading any data
+    mode = None if args.mode is None else parse_mode(args.mode)  # refuse a bad mode before loading data
     try:
-        v_init = args.v_init if args.v_init == "half" else float(args.v_init)
+        v_init = args.v_init if args.v_init in (None, "half") else float(args.v_init)
     except ValueError:
         raise OptionError(f"--v-init {args.v_init!r}: give a number (in thresholds) or 'half'") from None
     converter = Converter(_calibration_data(args.calib, args.limit), mode, fuse_flag=not args.no_fuse,
@@ -64,7 +64,12 @@ def cmd_convert(args: argparse.Namespace) -> int:
     save(snn, out)
     if not args.quiet:
         print(format_table(converter.report))
-        print(f"\nwrote {out} ({len(converter.report)} neuron layers, mode {converter.mode})")
+        recipe = f"preset for T={args.target_T}: " if converter.preset else ""
+        options = converter.options()
+        recipe += f"mode {converter.mode}" + "".join(
+            f", {name}" for name in ("per_channel", "bias_correction", "potential_correction") if options[name])
+        recipe += f", v_init {options['v_init']:g}" if options["v_init"] else ""
+        print(f"\nwrote {out} ({len(converter.report)} neuron layers; {recipe})")
     return 0
 
 
@@ -121,19 +126,22 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("convert", help="convert an ONNX ReLU network into an SNN step model")
     c.add_argument("model", help="source .onnx model")
     c.add_argument("--calib", required=True, help="calibration data: an .npz (array 'x') or 'fashion-mnist'")
-    c.add_argument("--mode", default="max", help="'max', a percentile like '99.9%%', a fraction k of the max, "
-                   "or 'search' (with --target-T) (default: max)")
+    c.add_argument("--mode", default=None, help="'max', a percentile like '99.9%%', a fraction k of the max, "
+                   "or 'search' (with --target-T) (default: max; with --target-T alone, the preset)")
     c.add_argument("-o", "--output", help="output path (default: MODEL with .snn.onnx)")
-    c.add_argument("--per-channel", action="store_true", help="one scale per channel instead of per layer")
+    c.add_argument("--per-channel", action="store_true", default=None, help="one scale per channel instead of per layer")
     c.add_argument("--no-fuse", action="store_true", help="do not fold BatchNormalization")
     c.add_argument("--maxpool", choices=STRATEGIES, default="running_max", help="MaxPool strategy (default: running_max)")
     c.add_argument("--reset", choices=("subtract", "zero"), default="subtract", help="neuron reset (default: subtract)")
-    c.add_argument("--v-init", default="0", help="initial membrane potential in thresholds: a number or 'half'")
+    c.add_argument("--v-init", default=None, help="initial membrane potential in thresholds: a number or 'half' "
+                   "(default 0)")
     c.add_argument("--target-T", type=int, default=None,
-                   help="timesteps the model is built for (recorded; needed by --mode search)")
-    c.add_argument("--bias-correction", action="store_true",
+                   help="timesteps the model is built for: recorded (the default T of 'run'), needed by "
+                   "--mode search and the corrections; alone (no --mode), applies the recipe the accuracy "
+                   "benchmark found best at that T")
+    c.add_argument("--bias-correction", action="store_true", default=None,
                    help="correct each layer's mean output for --target-T steps (Li et al. 2021)")
-    c.add_argument("--potential-correction", action="store_true",
+    c.add_argument("--potential-correction", action="store_true", default=None,
                    help="then set per-neuron initial potentials for --target-T steps (Li et al. 2021)")
     c.add_argument("--output-decoding", choices=("analog", "spikes"), default="analog",
                    help="sum the last layer's outputs (analog, default) or make them neurons (spikes)")

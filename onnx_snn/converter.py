@@ -10,7 +10,7 @@ import onnx
 
 from onnx_snn_runtime.format import KEY_CALIBRATION
 
-from . import io
+from . import io, presets
 from .calibration.data import first_input
 from .calibration.mode import parse_mode
 from .errors import OptionError
@@ -38,7 +38,7 @@ class Converter:
     Args:
         dataloader: calibration data: a numpy array, an ``.npz`` path, a dict of arrays, or an
             iterable of batches (arrays, tensors, ``(x, label)`` tuples; a torch DataLoader).
-        mode: ``"max"``, a percentile ``"p%"`` (0 < p <= 100), a fraction k (0 < k <= 1, or ``"1/3"``)
+        mode: ``"max"`` (default), a percentile ``"p%"`` (0 < p <= 100), a fraction k (0 < k <= 1, or ``"1/3"``)
             of the max, or ``"search"`` (the scale minimising the rate-coding error for ``target_T``).
         fuse_flag: fold BatchNormalization into the preceding layer (else it stays, as an affine).
         per_channel: one scale per channel (axis 1) instead of one per layer.
@@ -48,6 +48,8 @@ class Converter:
             (θ/2: rounds instead of flooring the rate code; Deng & Gu 2021, Bu et al. 2022).
         target_T: the number of timesteps the model is built for: recorded in the step model
             (``onnx-snn run`` uses it as default T) and used by ``mode="search"`` and bias correction.
+            Given without a ``mode``, it applies the preset that ``bench/accuracy.py`` measured
+            best at that T (``onnx_snn.presets``); options given explicitly override the preset's.
         bias_correction: shift each layer's pre-activation so that its mean output after target_T
             steps matches the rescaled ANN's, layer by layer (``passes.correct_bias``).
         potential_correction: then close each neuron's remaining gap through its initial membrane
@@ -63,19 +65,24 @@ class Converter:
     ``onnx.ModelProto``) returns the step model; ``report`` then lists each layer's scale.
     """
 
-    def __init__(self, dataloader: Any = None, mode: Any = "max", *, fuse_flag: bool = True,
-                 per_channel: bool = False, maxpool: str = "running_max", reset_mode: str = "subtract",
-                 v_reset: float = 0.0, v_init: float | str = 0.0, batch_size: int = 256, bins: int | None = None,
-                 exporter: str = "dynamo", progress: bool = True, target_T: int | None = None,
-                 bias_correction: bool = False, potential_correction: bool = False,
-                 output_decoding: str = "analog"):
+    def __init__(self, dataloader: Any = None, mode: Any = None, *, fuse_flag: bool = True,
+                 per_channel: bool | None = None, maxpool: str = "running_max", reset_mode: str = "subtract",
+                 v_reset: float = 0.0, v_init: float | str | None = None, batch_size: int = 256,
+                 bins: int | None = None, exporter: str = "dynamo", progress: bool = True,
+                 target_T: int | None = None, bias_correction: bool | None = None,
+                 potential_correction: bool | None = None, output_decoding: str = "analog"):
+        if target_T is not None and (isinstance(target_T, bool) or not isinstance(target_T, int) or target_T <= 0):
+            raise OptionError(f"target_T={target_T!r} must be a positive integer")
+        options, self.preset = presets.resolve(target_T, dict(
+            mode=mode, per_channel=per_channel, v_init=v_init, bias_correction=bias_correction,
+            potential_correction=potential_correction))
+        mode, per_channel, v_init = options["mode"], options["per_channel"], options["v_init"]
+        bias_correction, potential_correction = options["bias_correction"], options["potential_correction"]
         self.mode = parse_mode(mode)
         if v_init == "half":
             v_init = 0.5
         if isinstance(v_init, str) or isinstance(v_init, bool):
             raise OptionError(f"v_init={v_init!r}; give a number (in units of the threshold) or 'half'")
-        if target_T is not None and (isinstance(target_T, bool) or not isinstance(target_T, int) or target_T <= 0):
-            raise OptionError(f"target_T={target_T!r} must be a positive integer")
         if (self.mode.kind == "search" or bias_correction or potential_correction) and target_T is None:
             raise OptionError('mode="search" and the bias and potential corrections work for a number of '
                               'timesteps: give target_T')
@@ -104,7 +111,8 @@ class Converter:
         return {"mode": str(self.mode), "fuse_flag": self.fuse_flag, "per_channel": self.per_channel,
                 "maxpool": self.maxpool, "reset_mode": self.reset_mode, "v_reset": self.v_reset,
                 "v_init": self.v_init, "target_T": self.target_T, "bias_correction": self.bias_correction,
-                "potential_correction": self.potential_correction, "output_decoding": self.output_decoding}
+                "potential_correction": self.potential_correction, "output_decoding": self.output_decoding,
+                "preset": self.preset}
 
     def passes(self, source_sha256: str = "", neuron: str = "if") -> list[Pass]:
         """The pipeline, in order. ``neuron="analog"`` builds the rescaled ANN instead (for checks)."""

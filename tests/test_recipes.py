@@ -91,7 +91,7 @@ def test_recipe_options_are_checked(options, match):
 
 def test_bias_correction_makes_mean_snn_outputs_match_the_ann_layer_by_layer():
     import json
-    from onnx_snn.passes.correct_bias import CorrectBias, analog_model
+    from onnx_snn.passes.correct_bias import analog_model
     from onnx_snn_runtime.format import KEY_STATES, State
     b = GraphBuilder(seed=4)
     h = b.op("Relu", [b.op("Conv", ["x", b.rand(4, 2, 3, 3), b.rand(4)])])
@@ -99,7 +99,6 @@ def test_bias_correction_makes_mean_snn_outputs_match_the_ann_layer_by_layer():
     model = b.model({"x": ["N", 2, 8, 8]}, [b.op("ReduceMean", [y], axes=[2, 3])])
     x = np.random.default_rng(2).random((64, 2, 8, 8)).astype(np.float32)
     T = 4
-    probe = CorrectBias(x, T)
 
     def states_of(snn):
         meta = {p.key: p.value for p in snn.metadata_props}
@@ -111,7 +110,7 @@ def test_bias_correction_makes_mean_snn_outputs_match_the_ann_layer_by_layer():
         from onnx_snn.model_util import probe_session as _session
         outputs = [e["output"] for e in onnx_snn.spec(reference).calibration["layers"]]
         targets = _session(analog_model(reference, states_of(reference)), outputs).run(outputs, {"x": x})
-        return [np.abs((target - probe._snn_mean(snn, states_of(snn), {"x": x}, name)).mean(axis=(0, 2, 3))).max()
+        return [np.abs((target - snn_mean(snn, {"x": x}, name, T)).mean(axis=(0, 2, 3))).max()
                 for name, target in zip(outputs, targets)]
 
     plain = onnx_snn.Converter(x, mode="max", target_T=T, progress=False)(model)
@@ -127,7 +126,7 @@ def test_bias_correction_makes_mean_snn_outputs_match_the_ann_layer_by_layer():
         from onnx_snn.model_util import probe_session
         outputs = [e["output"] for e in onnx_snn.spec(plain).calibration["layers"]]
         targets = probe_session(analog_model(plain, states_of(plain)), outputs).run(outputs, {"x": x})
-        return [np.abs((target - probe._snn_mean(snn, states_of(snn), {"x": x}, name)).mean(axis=0)).mean()
+        return [np.abs((target - snn_mean(snn, {"x": x}, name, T)).mean(axis=0)).mean()
                 for name, target in zip(outputs, targets)]
 
     both = onnx_snn.Converter(x, mode="max", target_T=T, bias_correction=True, potential_correction=True,
@@ -156,3 +155,73 @@ def test_spike_count_output_decoding(bundled):
 def test_bad_output_decoding_is_refused():
     with pytest.raises(OptionError, match="output_decoding"):
         onnx_snn.Converter(np.zeros((1, 4), np.float32), output_decoding="rates")
+
+
+def test_target_T_alone_applies_the_preset_and_explicit_options_win():
+    from onnx_snn import presets
+    x = np.zeros((1, 4), np.float32)
+    preset = onnx_snn.Converter(x, target_T=8).options()
+    expected = presets.preset(8)
+    assert preset["preset"] is True and preset["mode"] == str(onnx_snn.calibration.mode.parse_mode(expected["mode"]))
+    assert {k: preset[k] for k in ("per_channel", "bias_correction", "potential_correction")} == \
+        {k: expected[k] for k in ("per_channel", "bias_correction", "potential_correction")}
+    assert preset["v_init"] == (0.5 if expected["v_init"] == "half" else expected["v_init"])
+    overridden = onnx_snn.Converter(x, target_T=8, potential_correction=False, v_init=0.25).options()
+    assert overridden["preset"] and not overridden["potential_correction"] and overridden["v_init"] == 0.25
+    named = onnx_snn.Converter(x, "99.9%", target_T=8).options()  # a named mode: no preset, plain defaults
+    assert not named["preset"] and named["mode"] == "99.9%" and not named["bias_correction"] and named["v_init"] == 0
+    plain = onnx_snn.Converter(x).options()
+    assert not plain["preset"] and plain["mode"] == "max" and plain["target_T"] is None
+
+
+def test_cli_target_T_alone_converts_with_the_preset_and_run_defaults_to_it(bundled, tmp_path, capsys):
+    xc, _, xt, yt = bundled
+    np.savez(tmp_path / "c.npz", x=xc[:200])
+    np.savez(tmp_path / "d.npz", x=xt[:100], y=yt[:100])
+    out = tmp_path / "m.snn.onnx"
+    assert main(["convert", str(__import__("conftest").SAMPLE_ONNX), "--calib", str(tmp_path / "c.npz"),
+                 "--target-T", "4", "-o", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "preset for T=4: mode search" in printed and "bias_correction" in printed
+    options = onnx_snn.spec(onnx_snn.load(out)).converter
+    assert options["preset"] and options["target_T"] == 4 and options["potential_correction"]
+    assert main(["run", str(out), "--data", str(tmp_path / "d.npz"), "-q"]) == 0
+    printed = capsys.readouterr().out
+    assert "t=    4" in printed and "t=    8" not in printed
+
+
+def test_correction_segments_fed_recorded_trains_compute_what_the_whole_model_does():
+    """CorrectBias simulates each layer once, as a segment of the graph fed the upstream
+    layers' recorded outputs: per step, exactly what the whole step model computes."""
+    from onnx_snn.passes.correct_bias import segment
+    from onnx_snn_runtime.format import StepModelSpec
+    from onnx_snn_runtime.loop import simulate
+    from onnx_snn.model_util import probe_session
+    b = GraphBuilder(seed=5)
+    h = b.op("Relu", [b.op("Conv", ["x", b.rand(4, 2, 3, 3), b.rand(4)])])
+    g = b.op("Relu", [b.op("Conv", [h, b.rand(4, 4, 3, 3, scale=0.5), b.rand(4)], pads=[1, 1, 1, 1])])
+    y = b.op("Relu", [b.op("Add", [g, h])])  # a residual Add: the third layer reads both recordings
+    model = b.model({"x": ["N", 2, 8, 8]}, [b.op("ReduceMean", [y], axes=[2, 3])])
+    x = np.random.default_rng(3).random((16, 2, 8, 8)).astype(np.float32)
+    snn = onnx_snn.Converter(x, target_T=6, progress=False)(model)  # the preset: corrected, per-neuron v_init
+    spec = onnx_snn.spec(snn)
+    outputs = [e["output"] for e in spec.calibration["layers"]]
+    T = 6
+    whole = simulate(probe_session(snn, outputs), {"x": x}, T, StepModelSpec(spec.states, {o: "sum" for o in outputs}))
+    per_step = {o: np.concatenate([whole[o][:1], np.diff(whole[o], axis=0)]) for o in outputs}
+    parts = [segment(snn, spec.states, o, set(outputs)) for o in outputs]
+    assert parts[0].trains == [] and parts[1].trains == [outputs[0]] and sorted(parts[2].trains) == sorted(outputs[:2])
+    assert sum(n.op_type == "Conv" for n in parts[1].model.graph.node) == 1  # only its own layer
+    trains = {}
+    for part in parts:
+        trains[part.output] = part.run({"x": x}, trains, T, record=True)
+        np.testing.assert_allclose(trains[part.output], per_step[part.output], rtol=1e-5, atol=1e-4)
+
+
+def snn_mean(snn, feeds, output, T):
+    """Mean over T steps of tensor ``output`` of the whole step model (the plain loop)."""
+    from onnx_snn.model_util import probe_session
+    from onnx_snn_runtime.format import StepModelSpec
+    from onnx_snn_runtime.loop import simulate
+    spec = StepModelSpec(onnx_snn.spec(snn).states, {output: "sum"})
+    return simulate(probe_session(snn, [output]), feeds, T, spec, per_step=False)[output] / T

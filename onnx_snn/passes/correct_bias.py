@@ -19,18 +19,26 @@ Guarantee: after the pass, each layer's per-channel mean output on the calibrati
 after ``target_T`` steps is closer to the rescaled ANN's (exactly equal where no neuron of
 the channel saturates or sits at zero); the shifts are recorded per layer (``bias_shift``) in
 the calibration record. Nothing else changes.
+
+Cost: the layers are simulated once each, not once per layer downstream of them. Each layer's
+output over the T steps (its spike train times lambda) is recorded after its correction, and
+the next layers run as segments of the graph fed with those recordings (``Segment``): the
+same operations on the same values as the whole step model. Recordings are dropped once no
+later layer reads them. The calibration batch is ``samples`` images, at most
+``STEP_BUDGET // target_T`` of them (but 64 or more), so memory and time stay bounded at large
+T; a per-channel mean over 64 images is still an average over thousands of values.
 """
 from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass
 
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from onnx_snn_runtime.format import KEY_STATES, State, StepModelSpec
-from onnx_snn_runtime.loop import simulate
+from onnx_snn_runtime.format import KEY_STATES, State
 
 from ..calibration.data import InputSpec, iterate_batches
 from ..errors import OptionError
@@ -41,6 +49,69 @@ from .base import Pass, PassResult
 from .calibrate import METADATA_KEY as CALIBRATION_KEY
 
 log = logging.getLogger(__name__)
+
+STEP_BUDGET = 8192  # calibration images x timesteps per simulation
+
+
+@dataclass
+class Segment:
+    """The part of the step model that computes ``output`` from the graph inputs, the recorded
+    ``trains`` (tensors fed a new value every step) and the ``states`` it carries."""
+    model: onnx.ModelProto
+    output: str
+    trains: list[str]
+    states: list[State]
+
+    def run(self, feeds: dict[str, np.ndarray], trains: dict[str, np.ndarray], T: int,
+            record: bool) -> np.ndarray:
+        """``output`` after each step ([T, N, ...]) with ``record``, else its mean over the T steps."""
+        session = probe_session(self.model, [self.output])
+        needed = {i.name for i in session.get_inputs()}
+        feeds = {k: v for k, v in feeds.items() if k in needed}
+        batch = len(next(iter(trains.values()))[0]) if self.trains else len(next(iter(feeds.values())))
+        state = {s.input: s.initial(batch) for s in self.states}
+        names = [self.output] + [s.output for s in self.states]
+        steps, total = [], None
+        for t in range(T):
+            values = session.run(names, {**feeds, **state, **{n: trains[n][t] for n in self.trains}})
+            state = {s.input: v for s, v in zip(self.states, values[1:])}
+            if record:
+                steps.append(values[0])
+            total = values[0].astype(np.float64) if total is None else total + values[0]
+        return np.stack(steps) if record else total / T
+
+
+def ancestry(graph: gs.Graph, output: str, boundary: set[str]) -> tuple[set[str], list[str]]:
+    """Tensors ``output`` depends on, searching upstream but stopping at ``boundary`` tensors,
+    and the boundary tensors reached."""
+    tensors = graph.tensors()
+    seen, reached, stack = set(), [], [tensors[output]]
+    while stack:
+        tensor = stack.pop()
+        if tensor.name in seen:
+            continue
+        seen.add(tensor.name)
+        if tensor.name in boundary and tensor.name != output:
+            reached.append(tensor.name)
+            continue
+        for node in tensor.inputs:
+            stack.extend(node.inputs)
+    return seen, reached
+
+
+def segment(model: onnx.ModelProto, states: list[State], output: str, boundary: set[str]) -> Segment:
+    """The segment computing ``output``, cut at the ``boundary`` tensors (recorded upstream)."""
+    graph = import_graph(model)
+    tensors = graph.tensors()
+    seen, fed = ancestry(graph, output, boundary)
+    for name in fed:  # cut its producer: the value comes from the recording
+        tensors[name].inputs.clear()
+        tensors[name].dtype = tensors[name].dtype or np.float32
+    kept = [s for s in states if s.input in seen]
+    graph.inputs = [t for t in graph.inputs if t.name in seen] + [tensors[n] for n in fed]
+    graph.outputs = [tensors[output]] + [tensors[s.output] for s in kept]
+    graph.cleanup()
+    return Segment(export_model(graph, model), output, fed, kept)
 
 
 def analog_model(model: onnx.ModelProto, states: list[State]) -> onnx.ModelProto:
@@ -67,7 +138,8 @@ class CorrectBias(Pass):
                  samples: int = 512, batch_size: int = 256):
         if not target_T:
             raise OptionError("bias and potential correction work for a number of timesteps: give target_T")
-        self.data, self.T, self.samples, self.batch_size = data, target_T, samples, batch_size
+        self.data, self.T, self.batch_size = data, target_T, batch_size
+        self.samples = min(samples, max(64, STEP_BUDGET // target_T))
         self.bias, self.potential = bias, potential
 
     def _inputs(self, model: onnx.ModelProto, states: list[State]) -> dict[str, np.ndarray]:
@@ -84,35 +156,44 @@ class CorrectBias(Pass):
                 break
         return {k: np.concatenate(v)[: self.samples] for k, v in taken.items()}
 
-    def _snn_mean(self, model, states, feeds, output) -> np.ndarray:
-        """Mean over the T steps of the tensor ``output`` of the step model."""
-        spec = StepModelSpec(states, {output: "sum"})
-        return simulate(probe_session(model, [output]), feeds, self.T, spec, per_step=False)[output] / self.T
-
     def call(self, model: onnx.ModelProto) -> PassResult:
         meta = {p.key: p.value for p in model.metadata_props}
         states = [State.from_json(d) for d in json.loads(meta[KEY_STATES])]
         record = json.loads(meta[CALIBRATION_KEY])
+        layers = record["layers"]
+        outputs = [e["output"] for e in layers]
         feeds = self._inputs(model, states)
-        analog = analog_model(model, states)
         zeros = {s.input: s.initial(len(next(iter(feeds.values())))) * 0 for s in states if s.kind != "membrane"}
-        targets = probe_session(analog, [e["output"] for e in record["layers"]]).run(
-            [e["output"] for e in record["layers"]], {**feeds, **zeros})
-        for entry, target in zip(record["layers"], targets):
+        targets = probe_session(analog_model(model, states), outputs).run(outputs, {**feeds, **zeros})
+        boundary = set(outputs)
+        graph = import_graph(model)
+        last_use = {}  # recording -> index of the last layer that reads it
+        for k, name in enumerate(outputs):
+            for fed in ancestry(graph, name, boundary)[1]:
+                last_use[fed] = k
+        membrane = {s.layer: s for s in states if s.kind == "membrane"}
+        trains: dict[str, np.ndarray] = {}
+        for k, (entry, target) in enumerate(zip(layers, targets)):
+            part = segment(model, states, entry["output"], boundary)
             if self.bias:
-                snn = self._snn_mean(model, states, feeds, entry["output"])
+                snn = part.run(feeds, trains, self.T, record=False)
                 axes = tuple(i for i in range(target.ndim) if i != 1) if target.ndim >= 2 else None
                 shift = np.asarray((target - snn).mean(axis=axes), dtype=np.float64)
                 model = self._add_shift(model, entry, shift)
+                part = segment(model, states, entry["output"], boundary)
                 entry["bias_shift"] = float(shift) if shift.ndim == 0 else [float(v) for v in shift]
                 log.info("bias correction %s: mean shift %.4g", entry["node"], float(np.mean(shift)))
             if self.potential:
-                gap = (target - self._snn_mean(model, states, feeds, entry["output"])).mean(axis=0)
-                state = next(s for s in states if s.kind == "membrane" and s.layer == entry["node"])
+                gap = (target - part.run(feeds, trains, self.T, record=False)).mean(axis=0)
+                state = membrane[entry["node"]]
                 lam = np.asarray(entry["lambda"], dtype=np.float64)
                 lam = channel_shape(lam, gap.ndim + 1) if lam.ndim else lam
                 state.init = np.clip(np.asarray(state.init) + self.T * gap / lam, 0.0, 1.0).astype(np.float32)
-                model = with_metadata(model, KEY_STATES, json.dumps([s.to_json() for s in states]))
+            if last_use.get(entry["output"], -1) > k:
+                trains[entry["output"]] = part.run(feeds, trains, self.T, record=True)
+            for name in [n for n in trains if last_use[n] <= k]:
+                del trains[name]
+        model = with_metadata(model, KEY_STATES, json.dumps([s.to_json() for s in states]))
         return PassResult(with_metadata(model, CALIBRATION_KEY, json.dumps(record)), True)
 
     @staticmethod

@@ -1,0 +1,244 @@
+"""SNN accuracy against T for every model x recipe: ours beside SpikingJelly 2.0's, and the ANN.
+
+    python bench/accuracy.py [--models sample_cnn,vgg8,resnet20,maxpool_cnn] [--images 10000]
+                             [--calib 5000] [--T 4,8,16,32,64,128] [--no-spikingjelly]
+                             [--threads 2] [--table-only]
+
+Each model's figures go to ``bench/results/accuracy_<model>.json`` as soon as a recipe is done
+(so models can run in separate processes); the table ``bench/results/accuracy.md`` and a plot
+``bench/results/accuracy_<model>.png`` per model are then rebuilt from every JSON present.
+
+Protocol: test images are the first ``--images`` of the Fashion-MNIST test set (all 10000 by
+default; the bundled 2000 when the full set is not installed), calibration images the first
+``--calib`` of the training set, the same for every recipe. A recipe that does not depend on T
+is simulated once for max(T) steps and read after every t; a recipe calibrated for a target T
+(``per_T``) is converted and simulated once per T.
+
+SpikingJelly 2.0 is a bench-only dependency (``bash scripts/setup_bench.sh``). Its converter
+gets the same trained torch weights (``models/<name>.pt``, from which ``models/<name>.onnx``
+was exported) and the same calibration images; its SNN runs in torch.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import onnxruntime as ort
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import onnx_snn  # noqa: E402
+from onnx_snn import presets  # noqa: E402
+from onnx_snn_runtime import Simulator  # noqa: E402
+from onnx_snn_runtime.datasets import load_fashion_mnist  # noqa: E402
+
+RESULTS = ROOT / "bench" / "results"
+MODELS = ("sample_cnn", "vgg8", "resnet20", "maxpool_cnn")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    label: str
+    options: Callable[[int], dict]  # target T -> Converter options
+    per_T: bool = False             # calibrated for each T (converted once per T)
+
+
+OURS = [
+    Recipe("99.9%", lambda T: dict(mode="99.9%")),
+    Recipe("99.9%, channel-wise, half", lambda T: dict(mode="99.9%", per_channel=True, v_init="half")),
+    # The preset (onnx_snn.presets): threshold search for T, half initial potential, bias and
+    # potential correction, calibrated for each T.
+    Recipe("Converter(target_T=T) preset", lambda T: dict(target_T=T), per_T=True),
+]
+
+
+def spikingjelly_recipes(loader) -> dict[str, Callable]:
+    from spikingjelly.activation_based import ann2snn
+    return {
+        "SJ max": lambda: ann2snn.RateCodingRecipe(loader, mode="max"),
+        "SJ 99.9%": lambda: ann2snn.RateCodingRecipe(loader, mode="99.9%"),
+        "SJ 99.9%, channel-wise, half": lambda: ann2snn.RateCodingRecipe(
+            loader, mode="99.9%", channel_wise=True, half_threshold=True),
+        "SJ local threshold balancing": lambda: ann2snn.LocalThresholdBalancingRecipe(loader),
+    }
+
+
+def ours(model: str, recipe: Recipe, x_calib, x_test, y_test, ts: list[int], threads: int) -> dict[int, float]:
+    source = ROOT / "models" / f"{model}.onnx"
+
+    def accuracy_curve(options: dict, T: int) -> np.ndarray:
+        snn = onnx_snn.Converter(x_calib, progress=False, **options)(source)
+        sim = Simulator(snn.SerializeToString(), "cpu", threads=threads)
+        return sim.evaluate((x_test, y_test), T, batch_size=250, progress=False).accuracy
+
+    if recipe.per_T:
+        return {T: float(accuracy_curve(recipe.options(T), T)[T - 1]) for T in ts}
+    curve = accuracy_curve(recipe.options(max(ts)), max(ts))
+    return {T: float(curve[T - 1]) for T in ts}
+
+
+def spikingjelly(model: str, make_recipe: Callable, x_calib, x_test, y_test, ts: list[int]) -> dict[int, float]:
+    import torch
+    from spikingjelly.activation_based import ann2snn, functional
+    sys.path.insert(0, str(ROOT / "models"))
+    from zoo import load_trained
+    snn = ann2snn.FXConverter(recipe=make_recipe(), device="cpu").convert(copy.deepcopy(load_trained(model)))
+    snn.eval()
+    correct = np.zeros(max(ts))
+    with torch.no_grad():
+        for start in range(0, len(x_test), 250):
+            x = torch.from_numpy(x_test[start:start + 250])
+            y = torch.from_numpy(y_test[start:start + 250].astype(np.int64))
+            functional.reset_net(snn)
+            total = None
+            for t in range(max(ts)):
+                out = snn(x)
+                total = out if total is None else total + out
+                correct[t] += (total.argmax(1) == y).sum().item()
+    return {T: float(correct[T - 1] / len(x_test)) for T in ts}
+
+
+def run_model(model: str, args, ts: list[int]) -> None:
+    x_train, _ = load_fashion_mnist("train")
+    x_test, y_test = load_fashion_mnist("test")
+    x_calib, x_test, y_test = x_train[: args.calib], x_test[: args.images], y_test[: args.images]
+    path = RESULTS / f"accuracy_{model}.json"
+    record = json.loads(path.read_text()) if path.exists() and args.resume else {}
+    ann = ort.InferenceSession(str(ROOT / "models" / f"{model}.onnx"), providers=["CPUExecutionProvider"])
+    record.update(model=model, images=len(x_test), calib=len(x_calib), ts=ts,
+                  ann=float(np.mean(ann.run(None, {"input": x_test})[0].argmax(1) == y_test)),
+                  machine=f"{platform.machine()}, {os.cpu_count()} CPUs, {args.threads} threads",
+                  onnxruntime=ort.__version__)
+    record.setdefault("ours", {})
+    record.setdefault("spikingjelly", {})
+    print(f"{model}: ANN {record['ann']:.4f} on {len(x_test)} test images; {len(x_calib)} calibration images",
+          flush=True)
+    jobs: list[tuple[str, str, Callable]] = [
+        ("ours", r.label, lambda r=r: ours(model, r, x_calib, x_test, y_test, ts, args.threads)) for r in OURS]
+    if args.spikingjelly:
+        import torch
+        torch.set_num_threads(args.threads)
+        loader = torch.utils.data.DataLoader(torch.from_numpy(x_calib), batch_size=256)
+        jobs += [("spikingjelly", label, lambda make=make: spikingjelly(model, make, x_calib, x_test, y_test, ts))
+                 for label, make in spikingjelly_recipes(loader).items()]
+    for side, label, job in jobs:
+        if label in record[side]:
+            continue
+        start = time.perf_counter()
+        accuracy = job()
+        record[side][label] = {str(T): a for T, a in accuracy.items()}
+        print(f"  {label:48s} " + " ".join(f"{accuracy[T]:.4f}" for T in ts)
+              + f"  ({time.perf_counter() - start:.0f} s)", flush=True)
+        write_text(path, json.dumps(record, indent=1))
+
+
+def write_text(path: Path, text: str) -> None:
+    """Temporary file, then rename: an interrupted run leaves the previous file whole."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def best(rows: dict[str, dict], T: int) -> float:
+    return max((row[str(T)] for row in rows.values() if str(T) in row), default=float("nan"))
+
+
+def model_table(rec: dict) -> str:
+    ts = rec["ts"]
+    head = f"| recipe | " + " | ".join(f"T={T}" for T in ts) + " |"
+    lines = [head, "|" + " --- |" * (len(ts) + 1)]
+    for side in ("ours", "spikingjelly"):
+        for label, row in rec[side].items():
+            cells = []
+            for T in ts:
+                value = row.get(str(T))
+                mark = value is not None and value == best(rec[side], T)
+                cells.append("" if value is None else (f"**{value:.4f}**" if mark else f"{value:.4f}"))
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    lines.append(f"| ANN | " + " | ".join(f"{rec['ann']:.4f}" for _ in ts) + " |")
+    if rec["spikingjelly"]:
+        lines.append("| ours best − SJ best (points) | " + " | ".join(
+            f"{100 * (best(rec['ours'], T) - best(rec['spikingjelly'], T)):+.1f}" for T in ts) + " |")
+    lines.append("| ours best − ANN (points) | " + " | ".join(
+        f"{100 * (best(rec['ours'], T) - rec['ann']):+.1f}" for T in ts) + " |")
+    return "\n".join(lines)
+
+
+def plot(rec: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ts = rec["ts"]
+    for side, style in (("ours", "-o"), ("spikingjelly", "--s")):
+        for label, row in rec[side].items():
+            ax.plot([T for T in ts if str(T) in row], [row[str(T)] for T in ts if str(T) in row], style,
+                    label=label, markersize=4)
+    ax.axhline(rec["ann"], color="black", linewidth=1, label=f"ANN ({rec['ann']:.4f})")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(ts, [str(T) for T in ts])
+    ax.set_xlabel("timesteps T")
+    ax.set_ylabel("test accuracy")
+    ax.set_ylim(max(0.0, min(rec["ann"] - 0.3, ax.get_ylim()[0])), min(1.0, rec["ann"] + 0.02))
+    ax.set_title(f"{rec['model']}: SNN accuracy against T ({rec['images']} test images)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_report() -> Path:
+    records = [json.loads(p.read_text()) for m in MODELS if (p := RESULTS / f"accuracy_{m}.json").exists()]
+    parts = ["# SNN accuracy against T: onnx-snn's recipes beside SpikingJelly 2.0's",
+             "", "Produced by `python bench/accuracy.py` (see its docstring for the protocol). Bold: the best "
+             "of each side at that T. SJ = SpikingJelly 2.0.0 `ann2snn` (`RateCodingRecipe`, "
+             "`LocalThresholdBalancingRecipe`) on the same trained weights and calibration images. "
+             f"The preset at every T measured: `{presets.preset(8)}` (`onnx_snn/presets.py`), "
+             "calibrated for that T.", ""]
+    for rec in records:
+        plot(rec, RESULTS / f"accuracy_{rec['model']}.png")
+        parts += [f"## {rec['model']}", "",
+                  f"{rec['images']} test images, {rec['calib']} calibration images; {rec['machine']}; "
+                  f"onnxruntime {rec['onnxruntime']}. Plot: `accuracy_{rec['model']}.png`.", "",
+                  model_table(rec), ""]
+    out = RESULTS / "accuracy.md"
+    write_text(out, "\n".join(parts))
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--models", default=",".join(MODELS))
+    parser.add_argument("--images", type=int, default=10000, help="test images (default: all 10000)")
+    parser.add_argument("--calib", type=int, default=5000, help="calibration images (default 5000)")
+    parser.add_argument("--T", default="4,8,16,32,64,128", help="timesteps to report")
+    parser.add_argument("--threads", type=int, default=2, help="CPU threads for both simulators")
+    parser.add_argument("--no-spikingjelly", dest="spikingjelly", action="store_false")
+    parser.add_argument("--resume", action="store_true", help="keep the recipes already in the JSON")
+    parser.add_argument("--table-only", action="store_true", help="rebuild the table and plots only")
+    args = parser.parse_args()
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    if not args.table_only:
+        os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
+        os.environ.setdefault("TQDM_DISABLE", "1")  # SpikingJelly's calibration progress bars
+        ts = sorted(int(t) for t in args.T.split(","))
+        for model in args.models.split(","):
+            if model not in MODELS:
+                parser.error(f"unknown model {model!r}; choose from {', '.join(MODELS)}")
+            run_model(model, args, ts)
+    print(f"wrote {write_report()}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,32 @@
+"""The latency-budget preset: ``Converter(data, target_T=T)`` without a ``mode`` applies the
+recipe that ``bench/accuracy.py`` measured best at that T (``bench/results/accuracy.md``).
+
+Options the caller gives explicitly override the preset's; a caller who names a ``mode`` gets
+no preset at all, only the plain defaults below for what they leave out.
+"""
+from __future__ import annotations
+
+# What Converter uses for an option neither the caller nor a preset sets.
+PLAIN = dict(mode="max", per_channel=False, v_init=0.0, bias_correction=False, potential_correction=False)
+
+# (largest T, options) in increasing T; the last entry serves every larger T. The benchmark
+# (bench/results/accuracy.md) found one recipe best at every T it measured, calibrated for T:
+# threshold search for T, half-threshold initial potential, bias then potential correction
+# (Li et al. 2021; Deng & Gu 2021; Bu et al. 2022).
+PRESETS: list[tuple[int, dict]] = [
+    (1 << 30, dict(mode="search", per_channel=False, v_init="half", bias_correction=True,
+                   potential_correction=True)),
+]
+
+
+def preset(target_T: int) -> dict:
+    """The options the benchmark found best for ``target_T`` timesteps."""
+    return next(dict(options) for limit, options in PRESETS if target_T <= limit)
+
+
+def resolve(target_T: int | None, given: dict) -> tuple[dict, bool]:
+    """The full option set from what the caller gave (``None`` = not given), and whether the
+    preset applied (``target_T`` given and ``mode`` not)."""
+    use_preset = target_T is not None and given.get("mode") is None
+    base = {**PLAIN, **(preset(target_T) if use_preset else {})}
+    return {k: (given[k] if given.get(k) is not None else v) for k, v in base.items()}, use_preset

@@ -2,7 +2,7 @@
 
     python bench/accuracy.py [--models sample_cnn,vgg8,resnet20,maxpool_cnn] [--images 10000]
                              [--calib 5000] [--T 4,8,16,32,64,128] [--no-spikingjelly]
-                             [--threads 2] [--table-only]
+                             [--threads 2] [--device cpu|cuda] [--resume] [--table-only]
 
 Each model's figures go to ``bench/results/accuracy_<model>.json`` as soon as a recipe is done
 (so models can run in separate processes); the table ``bench/results/accuracy.md`` and a plot
@@ -53,13 +53,27 @@ class Recipe:
     per_T: bool = False             # calibrated for each T (converted once per T)
 
 
+CORRECTED = dict(mode="search", v_init="half", bias_correction=True, potential_correction=True)
 OURS = [
     Recipe("99.9%", lambda T: dict(mode="99.9%")),
     Recipe("99.9%, channel-wise, half", lambda T: dict(mode="99.9%", per_channel=True, v_init="half")),
-    # The preset (onnx_snn.presets): threshold search for T, half initial potential, bias and
-    # potential correction, calibrated for each T.
-    Recipe("Converter(target_T=T) preset", lambda T: dict(target_T=T), per_T=True),
+    Recipe("search(T), half, bias+potential", lambda T: dict(CORRECTED, target_T=T), per_T=True),
+    Recipe("search(T), channel-wise, half, bias+potential",
+           lambda T: dict(CORRECTED, per_channel=True, target_T=T), per_T=True),
 ]
+
+
+def is_preset(label: str, ts: list[int]) -> bool:
+    """Whether the recipe ``label`` converts with exactly the options ``Converter(target_T=T)``
+    resolves to (onnx_snn.presets) at every T in ``ts``."""
+    recipe = next((r for r in OURS if r.label == label), None)
+    return recipe is not None and recipe.per_T and all(
+        same_recipe(onnx_snn.Converter(**recipe.options(T)), onnx_snn.Converter(target_T=T)) for T in ts)
+
+
+def same_recipe(a: onnx_snn.Converter, b: onnx_snn.Converter) -> bool:
+    strip = lambda options: {k: v for k, v in options.items() if k != "preset"}  # noqa: E731
+    return strip(a.options()) == strip(b.options())
 
 
 def spikingjelly_recipes(loader) -> dict[str, Callable]:
@@ -73,12 +87,13 @@ def spikingjelly_recipes(loader) -> dict[str, Callable]:
     }
 
 
-def ours(model: str, recipe: Recipe, x_calib, x_test, y_test, ts: list[int], threads: int) -> dict[int, float]:
+def ours(model: str, recipe: Recipe, x_calib, x_test, y_test, ts: list[int], threads: int,
+         device: str) -> dict[int, float]:
     source = ROOT / "models" / f"{model}.onnx"
 
     def accuracy_curve(options: dict, T: int) -> np.ndarray:
         snn = onnx_snn.Converter(x_calib, progress=False, **options)(source)
-        sim = Simulator(snn.SerializeToString(), "cpu", threads=threads)
+        sim = Simulator(snn.SerializeToString(), device, threads=threads)
         return sim.evaluate((x_test, y_test), T, batch_size=250, progress=False).accuracy
 
     if recipe.per_T:
@@ -87,18 +102,19 @@ def ours(model: str, recipe: Recipe, x_calib, x_test, y_test, ts: list[int], thr
     return {T: float(curve[T - 1]) for T in ts}
 
 
-def spikingjelly(model: str, make_recipe: Callable, x_calib, x_test, y_test, ts: list[int]) -> dict[int, float]:
+def spikingjelly(model: str, make_recipe: Callable, x_calib, x_test, y_test, ts: list[int],
+                 device: str) -> dict[int, float]:
     import torch
     from spikingjelly.activation_based import ann2snn, functional
     sys.path.insert(0, str(ROOT / "models"))
     from zoo import load_trained
-    snn = ann2snn.FXConverter(recipe=make_recipe(), device="cpu").convert(copy.deepcopy(load_trained(model)))
+    snn = ann2snn.FXConverter(recipe=make_recipe(), device=device).convert(copy.deepcopy(load_trained(model)))
     snn.eval()
     correct = np.zeros(max(ts))
     with torch.no_grad():
         for start in range(0, len(x_test), 250):
-            x = torch.from_numpy(x_test[start:start + 250])
-            y = torch.from_numpy(y_test[start:start + 250].astype(np.int64))
+            x = torch.from_numpy(x_test[start:start + 250]).to(device)
+            y = torch.from_numpy(y_test[start:start + 250].astype(np.int64)).to(device)
             functional.reset_net(snn)
             total = None
             for t in range(max(ts)):
@@ -114,22 +130,32 @@ def run_model(model: str, args, ts: list[int]) -> None:
     x_calib, x_test, y_test = x_train[: args.calib], x_test[: args.images], y_test[: args.images]
     path = RESULTS / f"accuracy_{model}.json"
     record = json.loads(path.read_text()) if path.exists() and args.resume else {}
+    if record and (record["images"], record["calib"]) != (len(x_test), len(x_calib)):
+        print(f"{model}: the saved rows used {record['images']} test / {record['calib']} calibration images; "
+              "starting afresh", flush=True)
+        record = {}
     ann = ort.InferenceSession(str(ROOT / "models" / f"{model}.onnx"), providers=["CPUExecutionProvider"])
     record.update(model=model, images=len(x_test), calib=len(x_calib), ts=ts,
                   ann=float(np.mean(ann.run(None, {"input": x_test})[0].argmax(1) == y_test)),
-                  machine=f"{platform.machine()}, {os.cpu_count()} CPUs, {args.threads} threads",
+                  machine=f"{platform.machine()}, {os.cpu_count()} CPUs, {args.threads} thread(s) per simulator"
+                  + (", simulated on CUDA" if args.device == "cuda" else ""),
                   onnxruntime=ort.__version__)
-    record.setdefault("ours", {})
-    record.setdefault("spikingjelly", {})
+    # keep only rows of recipes that still exist and cover every T asked for
+    current = {"ours": {r.label for r in OURS}}
+    if args.spikingjelly:
+        current["spikingjelly"] = set(spikingjelly_recipes(None))
+    for side in ("ours", "spikingjelly"):
+        record[side] = {label: row for label, row in record.get(side, {}).items()
+                        if side not in current or (label in current[side] and all(str(T) in row for T in ts))}
     print(f"{model}: ANN {record['ann']:.4f} on {len(x_test)} test images; {len(x_calib)} calibration images",
           flush=True)
     jobs: list[tuple[str, str, Callable]] = [
-        ("ours", r.label, lambda r=r: ours(model, r, x_calib, x_test, y_test, ts, args.threads)) for r in OURS]
+        ("ours", r.label, lambda r=r: ours(model, r, x_calib, x_test, y_test, ts, args.threads, args.device)) for r in OURS]
     if args.spikingjelly:
         import torch
         torch.set_num_threads(args.threads)
         loader = torch.utils.data.DataLoader(torch.from_numpy(x_calib), batch_size=256)
-        jobs += [("spikingjelly", label, lambda make=make: spikingjelly(model, make, x_calib, x_test, y_test, ts))
+        jobs += [("spikingjelly", label, lambda make=make: spikingjelly(model, make, x_calib, x_test, y_test, ts, args.device))
                  for label, make in spikingjelly_recipes(loader).items()]
     for side, label, job in jobs:
         if label in record[side]:
@@ -164,13 +190,26 @@ def model_table(rec: dict) -> str:
                 value = row.get(str(T))
                 mark = value is not None and value == best(rec[side], T)
                 cells.append("" if value is None else (f"**{value:.4f}**" if mark else f"{value:.4f}"))
-            lines.append(f"| {label} | " + " | ".join(cells) + " |")
+            name = f"{label} = `Converter(target_T=T)`" if side == "ours" and is_preset(label, ts) else label
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines.append(f"| ANN | " + " | ".join(f"{rec['ann']:.4f}" for _ in ts) + " |")
     if rec["spikingjelly"]:
         lines.append("| ours best − SJ best (points) | " + " | ".join(
             f"{100 * (best(rec['ours'], T) - best(rec['spikingjelly'], T)):+.1f}" for T in ts) + " |")
     lines.append("| ours best − ANN (points) | " + " | ".join(
         f"{100 * (best(rec['ours'], T) - rec['ann']):+.1f}" for T in ts) + " |")
+    return "\n".join(lines)
+
+
+def summary_table(records: list[dict]) -> str:
+    """One row per model: the best of our recipes and of SpikingJelly's at each T, and the ANN."""
+    ts = sorted({T for rec in records for T in rec["ts"]})
+    lines = ["| model (test images) | ANN | " + " | ".join(f"T={T} ours / SJ" for T in ts) + " |",
+             "|" + " --- |" * (len(ts) + 2)]
+    show = lambda v: "–" if v != v else f"{v:.4f}"  # noqa: E731  (NaN: no row at that T)
+    for rec in records:
+        cells = [f"{show(best(rec['ours'], T))} / {show(best(rec['spikingjelly'], T))}" for T in ts]
+        lines.append(f"| {rec['model']} ({rec['images']}) | {rec['ann']:.4f} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -204,8 +243,12 @@ def write_report() -> Path:
              "", "Produced by `python bench/accuracy.py` (see its docstring for the protocol). Bold: the best "
              "of each side at that T. SJ = SpikingJelly 2.0.0 `ann2snn` (`RateCodingRecipe`, "
              "`LocalThresholdBalancingRecipe`) on the same trained weights and calibration images. "
-             f"The preset at every T measured: `{presets.preset(8)}` (`onnx_snn/presets.py`), "
-             "calibrated for that T.", ""]
+             "`search(T)` rows are converted for each T (threshold search, bias and potential "
+             "correction calibrated for that T); the others once, read after every t. "
+             "`= Converter(target_T=T)` marks the preset (`onnx_snn/presets.py`). \"Best\" is the best "
+             "row of each side at each T on these test images, for both sides alike.", ""]
+    if records:
+        parts += ["Best of each side, per model:", "", summary_table(records), ""]
     for rec in records:
         plot(rec, RESULTS / f"accuracy_{rec['model']}.png")
         parts += [f"## {rec['model']}", "",
@@ -224,6 +267,8 @@ def main() -> None:
     parser.add_argument("--calib", type=int, default=5000, help="calibration images (default 5000)")
     parser.add_argument("--T", default="4,8,16,32,64,128", help="timesteps to report")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads for both simulators")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help="simulate both SNNs on the CPU or on a GPU (onnxruntime-gpu, torch with CUDA)")
     parser.add_argument("--no-spikingjelly", dest="spikingjelly", action="store_false")
     parser.add_argument("--resume", action="store_true", help="keep the recipes already in the JSON")
     parser.add_argument("--table-only", action="store_true", help="rebuild the table and plots only")

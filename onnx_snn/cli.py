@@ -129,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--mode", default=None, help="'max', a percentile like '99.9%%', a fraction k of the max, "
                    "or 'search' (with --target-T) (default: max; with --target-T alone, the preset)")
     c.add_argument("-o", "--output", help="output path (default: MODEL with .snn.onnx)")
-    c.add_argument("--per-channel", action="store_true", default=None, help="one scale per channel instead of per layer")
+    c.add_argument("--per-channel", action=argparse.BooleanOptionalAction, default=None, help="one scale per channel instead of per layer")
     c.add_argument("--no-fuse", action="store_true", help="do not fold BatchNormalization")
     c.add_argument("--maxpool", choices=STRATEGIES, default="running_max", help="MaxPool strategy (default: running_max)")
     c.add_argument("--reset", choices=("subtract", "zero"), default="subtract", help="neuron reset (default: subtract)")
@@ -139,9 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="timesteps the model is built for: recorded (the default T of 'run'), needed by "
                    "--mode search and the corrections; alone (no --mode), applies the recipe the accuracy "
                    "benchmark found best at that T")
-    c.add_argument("--bias-correction", action="store_true", default=None,
+    c.add_argument("--bias-correction", action=argparse.BooleanOptionalAction, default=None,
                    help="correct each layer's mean output for --target-T steps (Li et al. 2021)")
-    c.add_argument("--potential-correction", action="store_true", default=None,
+    c.add_argument("--potential-correction", action=argparse.BooleanOptionalAction, default=None,
                    help="then set per-neuron initial potentials for --target-T steps (Li et al. 2021)")
     c.add_argument("--output-decoding", choices=("analog", "spikes"), default="analog",
                    help="sum the last layer's outputs (analog, default) or make them neurons (spikes)")

@@ -76,6 +76,8 @@ class Converter:
         options, self.preset = presets.resolve(target_T, dict(
             mode=mode, per_channel=per_channel, v_init=v_init, bias_correction=bias_correction,
             potential_correction=potential_correction))
+        if self.preset:
+            log.info("target_T=%d without a mode: the preset %s", target_T, options)
         mode, per_channel, v_init = options["mode"], options["per_channel"], options["v_init"]
         bias_correction, potential_correction = options["bias_correction"], options["potential_correction"]
         self.mode = parse_mode(mode)

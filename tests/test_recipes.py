@@ -190,27 +190,42 @@ def test_cli_target_T_alone_converts_with_the_preset_and_run_defaults_to_it(bund
     assert "t=    4" in printed and "t=    8" not in printed
 
 
-def test_correction_segments_fed_recorded_trains_compute_what_the_whole_model_does():
-    """CorrectBias simulates each layer once, as a segment of the graph fed the upstream
-    layers' recorded outputs: per step, exactly what the whole step model computes."""
+def residual_net(b: GraphBuilder) -> str:
+    h = b.op("Relu", [b.op("Conv", ["x", b.rand(4, 2, 3, 3), b.rand(4)])])
+    g = b.op("Relu", [b.op("Conv", [h, b.rand(4, 4, 3, 3, scale=0.5), b.rand(4)], pads=[1, 1, 1, 1])])
+    return b.op("Relu", [b.op("Add", [g, h])])  # a residual Add: the third layer reads both recordings
+
+
+def maxpool_net(b: GraphBuilder) -> str:
+    h = b.op("Relu", [b.op("Conv", ["x", b.rand(4, 2, 3, 3), b.rand(4)])])
+    p = b.op("MaxPool", [h], kernel_shape=[2, 2], strides=[2, 2])  # running_max: a state of its own
+    g = b.op("Relu", [b.op("Conv", [p, b.rand(4, 4, 3, 3, scale=0.5), b.rand(4)], pads=[1, 1, 1, 1])])
+    return b.op("Relu", [b.op("Conv", [g, b.rand(3, 4, 1, 1), b.rand(3)])])
+
+
+@pytest.mark.parametrize("net", [residual_net, maxpool_net])
+def test_correction_segments_fed_recorded_trains_compute_what_the_whole_model_does(net):
+    """CorrectBias simulates each layer as a segment of the graph fed the upstream layers'
+    recorded outputs: per step, exactly what the whole step model computes."""
     from onnx_snn.passes.correct_bias import segment
     from onnx_snn_runtime.format import StepModelSpec
     from onnx_snn_runtime.loop import simulate
     from onnx_snn.model_util import probe_session
     b = GraphBuilder(seed=5)
-    h = b.op("Relu", [b.op("Conv", ["x", b.rand(4, 2, 3, 3), b.rand(4)])])
-    g = b.op("Relu", [b.op("Conv", [h, b.rand(4, 4, 3, 3, scale=0.5), b.rand(4)], pads=[1, 1, 1, 1])])
-    y = b.op("Relu", [b.op("Add", [g, h])])  # a residual Add: the third layer reads both recordings
-    model = b.model({"x": ["N", 2, 8, 8]}, [b.op("ReduceMean", [y], axes=[2, 3])])
+    model = b.model({"x": ["N", 2, 8, 8]}, [b.op("ReduceMean", [net(b)], axes=[2, 3])])
     x = np.random.default_rng(3).random((16, 2, 8, 8)).astype(np.float32)
-    snn = onnx_snn.Converter(x, target_T=6, progress=False)(model)  # the preset: corrected, per-neuron v_init
+    T = 6
+    snn = onnx_snn.Converter(x, target_T=T, progress=False)(model)  # the preset: corrected, per-neuron v_init
     spec = onnx_snn.spec(snn)
     outputs = [e["output"] for e in spec.calibration["layers"]]
-    T = 6
     whole = simulate(probe_session(snn, outputs), {"x": x}, T, StepModelSpec(spec.states, {o: "sum" for o in outputs}))
     per_step = {o: np.concatenate([whole[o][:1], np.diff(whole[o], axis=0)]) for o in outputs}
     parts = [segment(snn, spec.states, o, set(outputs)) for o in outputs]
-    assert parts[0].trains == [] and parts[1].trains == [outputs[0]] and sorted(parts[2].trains) == sorted(outputs[:2])
+    assert parts[0].trains == [] and parts[1].trains == [outputs[0]]
+    if net is residual_net:
+        assert sorted(parts[2].trains) == sorted(outputs[:2])
+    else:
+        assert sorted(s.kind for s in parts[1].states) == ["maxpool_sum", "membrane"]  # its own, and the pool's
     assert sum(n.op_type == "Conv" for n in parts[1].model.graph.node) == 1  # only its own layer
     trains = {}
     for part in parts:
@@ -225,3 +240,13 @@ def snn_mean(snn, feeds, output, T):
     from onnx_snn_runtime.loop import simulate
     spec = StepModelSpec(onnx_snn.spec(snn).states, {output: "sum"})
     return simulate(probe_session(snn, [output]), feeds, T, spec, per_step=False)[output] / T
+
+
+def test_cli_can_turn_off_a_preset_option():
+    from onnx_snn.cli import build_parser
+    parse = lambda *a: build_parser().parse_args(["convert", "m.onnx", "--calib", "c.npz", "--target-T", "8", *a])  # noqa: E731
+    given = parse()
+    assert (given.mode, given.per_channel, given.bias_correction, given.potential_correction, given.v_init) == \
+        (None, None, None, None, None)  # not given: the preset decides
+    off = parse("--no-potential-correction", "--no-per-channel")
+    assert off.potential_correction is False and off.per_channel is False and off.bias_correction is None

@@ -20,13 +20,14 @@ after ``target_T`` steps is closer to the rescaled ANN's (exactly equal where no
 the channel saturates or sits at zero); the shifts are recorded per layer (``bias_shift``) in
 the calibration record. Nothing else changes.
 
-Cost: the layers are simulated once each, not once per layer downstream of them. Each layer's
-output over the T steps (its spike train times lambda) is recorded after its correction, and
-the next layers run as segments of the graph fed with those recordings (``Segment``): the
-same operations on the same values as the whole step model. Recordings are dropped once no
-later layer reads them. The calibration batch is ``samples`` images, at most
-``STEP_BUDGET // target_T`` of them (but 64 or more), so memory and time stay bounded at large
-T; a per-channel mean over 64 images is still an average over thousands of values.
+Cost: no layer is re-simulated for the layers downstream of it. Each layer's output over the
+T steps (its spike train times lambda) is recorded once it is corrected, and each later layer
+runs as a segment of the graph fed with those recordings (``Segment``): the same operations
+on the same values as the whole step model, so a layer runs at most three times (bias, then
+potential, then recording). Recordings are dropped once no later layer reads them. The
+calibration batch is ``samples`` images, at most ``STEP_BUDGET // target_T`` of them (but 16
+or more), so a recording holds at most max(STEP_BUDGET, 16 T) images x steps of one layer's
+output; a per-channel mean over 16 images is still an average over hundreds of values.
 """
 from __future__ import annotations
 
@@ -41,7 +42,7 @@ import onnx_graphsurgeon as gs
 from onnx_snn_runtime.format import KEY_STATES, State
 
 from ..calibration.data import InputSpec, iterate_batches
-from ..errors import OptionError
+from ..errors import OnnxSnnError, OptionError
 from ..graph import channel_shape, export_model, import_graph
 from ..model_util import probe_session, with_metadata
 from ..ops import if_neuron
@@ -68,17 +69,18 @@ class Segment:
         session = probe_session(self.model, [self.output])
         needed = {i.name for i in session.get_inputs()}
         feeds = {k: v for k, v in feeds.items() if k in needed}
-        batch = len(next(iter(trains.values()))[0]) if self.trains else len(next(iter(feeds.values())))
+        batch = len(trains[self.trains[0]][0]) if self.trains else len(next(iter(feeds.values())))
         state = {s.input: s.initial(batch) for s in self.states}
         names = [self.output] + [s.output for s in self.states]
-        steps, total = [], None
+        steps, total = None, None
         for t in range(T):
             values = session.run(names, {**feeds, **state, **{n: trains[n][t] for n in self.trains}})
             state = {s.input: v for s, v in zip(self.states, values[1:])}
             if record:
-                steps.append(values[0])
+                steps = np.empty((T, *values[0].shape), values[0].dtype) if steps is None else steps
+                steps[t] = values[0]
             total = values[0].astype(np.float64) if total is None else total + values[0]
-        return np.stack(steps) if record else total / T
+        return steps if record else total / T
 
 
 def ancestry(graph: gs.Graph, output: str, boundary: set[str]) -> tuple[set[str], list[str]]:
@@ -139,7 +141,7 @@ class CorrectBias(Pass):
         if not target_T:
             raise OptionError("bias and potential correction work for a number of timesteps: give target_T")
         self.data, self.T, self.batch_size = data, target_T, batch_size
-        self.samples = min(samples, max(64, STEP_BUDGET // target_T))
+        self.samples = min(samples, max(16, STEP_BUDGET // target_T))
         self.bias, self.potential = bias, potential
 
     def _inputs(self, model: onnx.ModelProto, states: list[State]) -> dict[str, np.ndarray]:
@@ -170,6 +172,9 @@ class CorrectBias(Pass):
         last_use = {}  # recording -> index of the last layer that reads it
         for k, name in enumerate(outputs):
             for fed in ancestry(graph, name, boundary)[1]:
+                if outputs.index(fed) > k:  # Calibrate lists the layers in graph order
+                    raise OnnxSnnError(f"bias correction: layer {layers[k]['node']} reads {fed}, which "
+                                       "comes later in the calibration record; please report this model")
                 last_use[fed] = k
         membrane = {s.layer: s for s in states if s.kind == "membrane"}
         trains: dict[str, np.ndarray] = {}

@@ -1,0 +1,72 @@
+"""The dense limit: SNN simulation time against T x the ANN's inference time.
+
+    python bench/dense_limit.py [--model sample_cnn] [--T 50] [--batches 1,100,1000] [--images 1000]
+                                [--batch1-images 50] [--threads 2] [--repeats 3]
+
+The ANN (``models/<model>.onnx``) and the converted SNN (mode 99.9%) run through onnxruntime
+sessions with the same options (``onnx_snn_runtime.providers.session``: CPU provider, the
+same intra-op threads, full graph optimisation) at the same batch size over the same test
+images. The ratio SNN time / (T x ANN time) is the headline figure: 1.0 means the SNN costs
+as much as running the ANN T times. Timings are the best of ``--repeats``, ANN and SNN
+alternating in one process.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import onnx_snn  # noqa: E402
+from onnx_snn_runtime import Simulator  # noqa: E402
+from onnx_snn_runtime.datasets import load_fashion_mnist  # noqa: E402
+from onnx_snn_runtime.providers import session  # noqa: E402
+
+
+def seconds(run) -> float:
+    start = time.perf_counter()
+    run()
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default="sample_cnn")
+    parser.add_argument("--T", type=int, default=50)
+    parser.add_argument("--batches", default="1,100,1000")
+    parser.add_argument("--images", type=int, default=1000, help="test images per timing at batch > 1")
+    parser.add_argument("--batch1-images", type=int, default=50, help="test images per timing at batch 1")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    source = ROOT / "models" / f"{args.model}.onnx"
+    x_train, _ = load_fashion_mnist("train")
+    x_test, _ = load_fashion_mnist("test")
+    snn = onnx_snn.Converter(x_train[:5000], "99.9%", progress=False)(source)
+    sim = Simulator(snn.SerializeToString(), "cpu", threads=args.threads)
+    ann = session(source.read_bytes(), "CPUExecutionProvider", threads=args.threads)
+    name = ann.get_inputs()[0].name
+    print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs; {args.threads} threads; onnxruntime "
+          f"{ort.__version__}; {args.model}, 99.9%, T={args.T}")
+    print(f"{'batch':>6} {'ANN ms/image':>13} {'SNN ms/image':>13} {'SNN / (T x ANN)':>16}")
+    for batch in map(int, args.batches.split(",")):
+        xs = x_test[: args.batch1_images if batch == 1 else max(batch, args.images)]
+        chunks = [xs[s:s + batch] for s in range(0, len(xs), batch)]
+        ann_s, snn_s = np.inf, np.inf
+        for _ in range(args.repeats):  # alternate, keep the best of each
+            ann_s = min(ann_s, seconds(lambda: [ann.run(None, {name: c}) for c in chunks]))
+            snn_s = min(snn_s, seconds(lambda: [sim.run(c, args.T, per_step=False) for c in chunks]))
+        print(f"{batch:6d} {1e3 * ann_s / len(xs):13.4f} {1e3 * snn_s / len(xs):13.4f} "
+              f"{snn_s / (args.T * ann_s):15.2f}x", flush=True)
+
+
+if __name__ == "__main__":
+    main()

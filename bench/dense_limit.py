@@ -28,6 +28,7 @@ sys.path.insert(0, str(ROOT))
 import onnx_snn  # noqa: E402
 from onnx_snn_runtime import Simulator  # noqa: E402
 from onnx_snn_runtime.datasets import load_fashion_mnist  # noqa: E402
+from timing import add_timing_args, timed_images  # noqa: E402
 from onnx_snn_runtime.providers import session  # noqa: E402
 
 
@@ -40,12 +41,7 @@ def seconds(run) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="sample_cnn")
-    parser.add_argument("--T", type=int, default=50)
-    parser.add_argument("--batches", default="1,100,1000")
-    parser.add_argument("--images", type=int, default=1000, help="test images per timing at batch > 1")
-    parser.add_argument("--batch1-images", type=int, default=50, help="test images per timing at batch 1")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=3)
+    add_timing_args(parser)
     args = parser.parse_args()
     source = ROOT / "models" / f"{args.model}.onnx"
     x_train, _ = load_fashion_mnist("train")
@@ -58,7 +54,7 @@ def main() -> None:
           f"{ort.__version__}; {args.model}, 99.9%, T={args.T}")
     print(f"{'batch':>6} {'ANN ms/image':>13} {'SNN ms/image':>13} {'SNN / (T x ANN)':>16}")
     for batch in map(int, args.batches.split(",")):
-        xs = x_test[: args.batch1_images if batch == 1 else max(batch, args.images)]
+        xs = timed_images(x_test, batch, args)
         chunks = [xs[s:s + batch] for s in range(0, len(xs), batch)]
         ann_s, snn_s = np.inf, np.inf
         for _ in range(args.repeats):  # alternate, keep the best of each

@@ -30,6 +30,7 @@ sys.path.insert(0, str(ROOT / "models"))
 import onnx_snn  # noqa: E402
 from onnx_snn_runtime import Simulator  # noqa: E402
 from onnx_snn_runtime.datasets import load_fashion_mnist  # noqa: E402
+from timing import add_timing_args, timed_images  # noqa: E402
 
 
 def spikingjelly_snn(lambdas: list[float]):
@@ -80,12 +81,7 @@ def ours_run(sim: Simulator, x: np.ndarray, T: int, batch: int) -> np.ndarray:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--T", type=int, default=50)
-    parser.add_argument("--batches", default="1,100,1000")
-    parser.add_argument("--images", type=int, default=1000, help="test images per timing at batch > 1")
-    parser.add_argument("--batch1-images", type=int, default=50, help="test images per timing at batch 1")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=3)
+    add_timing_args(parser)
     args = parser.parse_args()
     import torch
     torch.set_num_threads(args.threads)
@@ -106,7 +102,7 @@ def main() -> None:
 
     print(f"{'batch':>6} {'onnx-snn img*steps/s':>22} {'SpikingJelly':>14} {'ratio':>7}")
     for batch in map(int, args.batches.split(",")):
-        xs = x_test[: args.batch1_images if batch == 1 else max(batch, args.images)]
+        xs = timed_images(x_test, batch, args)
         best = {"ours": 0.0, "sj": 0.0}
         for _ in range(args.repeats):
             for name, run in (("ours", lambda: ours_run(ours, xs, args.T, batch)),

@@ -1,0 +1,21 @@
+"""What the timing benchmarks (vs_spikingjelly.py, dense_limit.py) share: their options and the
+images each batch size is timed on."""
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+
+
+def add_timing_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--T", type=int, default=50)
+    parser.add_argument("--batches", default="1,100,1000")
+    parser.add_argument("--images", type=int, default=1000, help="test images per timing at batch > 1")
+    parser.add_argument("--batch1-images", type=int, default=50, help="test images per timing at batch 1")
+    parser.add_argument("--threads", type=int, default=2, help="CPU threads for every simulator")
+    parser.add_argument("--repeats", type=int, default=3, help="timings per figure; the best is kept")
+
+
+def timed_images(x: np.ndarray, batch: int, args: argparse.Namespace) -> np.ndarray:
+    """Batch 1 is timed on fewer images (it is slow for SpikingJelly); others on at least one batch."""
+    return x[: args.batch1_images if batch == 1 else max(batch, args.images)]

@@ -69,9 +69,16 @@ class StreamingHistogram:
                 # R must exceed the max so the max lands inside the last bin, not on its edge
                 self._grow(c, float(np.nextafter(batch_max[c], np.inf)))
         scale = np.where(self.range > 0, self.bins / np.where(self.range > 0, self.range, 1), 0.0)
-        idx = np.minimum((rows * scale[:, None].astype(rows.dtype)).astype(np.int64), self.bins - 1)
-        idx += (np.arange(self.channels) * self.bins)[:, None]
-        self.counts += np.bincount(idx.ravel(), minlength=self.channels * self.bins).reshape(self.channels, self.bins)
+        if self.channels == 1:
+            # ReLU outputs are mostly zeros: count them at once and bin only the rest
+            values = rows[0][rows[0] > 0]
+            idx = np.minimum((values * rows.dtype.type(scale[0])).astype(np.intp), self.bins - 1)
+            self.counts[0] += np.bincount(idx, minlength=self.bins)
+            self.counts[0, 0] += rows.shape[1] - len(values)
+        else:
+            idx = np.minimum((rows * scale[:, None].astype(rows.dtype)).astype(np.int64), self.bins - 1)
+            idx += (np.arange(self.channels) * self.bins)[:, None]
+            self.counts += np.bincount(idx.ravel(), minlength=self.channels * self.bins).reshape(self.channels, self.bins)
         self.n += rows.shape[1]
 
     @property

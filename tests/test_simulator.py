@@ -221,3 +221,20 @@ def test_labels_that_do_not_match_the_inputs_are_refused(small_net):
         sim.evaluate([(x[:4], np.zeros(3))], 2, progress=False)
     with pytest.raises(DataError, match="class index per sample"):
         sim.evaluate((x, np.zeros((16, 10))), 2, progress=False)
+
+
+def test_a_cpu_batch_larger_than_a_slice_gives_what_single_slices_give(small_net, monkeypatch):
+    """run() simulates a large CPU batch slice by slice: the same outputs and spike counts."""
+    import onnx_snn_runtime.simulator as simulator
+    path, x, weights, lams, _ = small_net
+    xs = np.concatenate([x] * (1 + 150 // len(x)))[:150]  # more than two slices of 64, the last partial
+    sim = Simulator(path, "cpu", optimize=False)
+    out, counts = sim.run(xs, 12, firing=True)
+    monkeypatch.setattr(simulator, "CPU_SLICE", 1 << 20)  # the whole batch at once
+    whole, whole_counts = sim.run(xs, 12, firing=True)
+    assert out.shape == whole.shape == (12, 150, *whole.shape[2:])
+    np.testing.assert_array_equal(out, whole)
+    for layer in whole_counts:
+        np.testing.assert_array_equal(counts[layer], whole_counts[layer])
+    expected, _ = numpy_snn(xs, weights, lams, 12)
+    np.testing.assert_array_equal(out, expected)

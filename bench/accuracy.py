@@ -38,7 +38,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import onnx_snn  # noqa: E402
-from onnx_snn import presets  # noqa: E402
 from onnx_snn_runtime import Simulator  # noqa: E402
 from onnx_snn_runtime.datasets import load_fashion_mnist  # noqa: E402
 
@@ -181,7 +180,7 @@ def best(rows: dict[str, dict], T: int) -> float:
 
 def model_table(rec: dict) -> str:
     ts = rec["ts"]
-    head = f"| recipe | " + " | ".join(f"T={T}" for T in ts) + " |"
+    head = "| recipe | " + " | ".join(f"T={T}" for T in ts) + " |"
     lines = [head, "|" + " --- |" * (len(ts) + 1)]
     for side in ("ours", "spikingjelly"):
         for label, row in rec[side].items():
@@ -192,7 +191,7 @@ def model_table(rec: dict) -> str:
                 cells.append("" if value is None else (f"**{value:.4f}**" if mark else f"{value:.4f}"))
             name = f"{label} = `Converter(target_T=T)`" if side == "ours" and is_preset(label, ts) else label
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    lines.append(f"| ANN | " + " | ".join(f"{rec['ann']:.4f}" for _ in ts) + " |")
+    lines.append("| ANN | " + " | ".join(f"{rec['ann']:.4f}" for _ in ts) + " |")
     if rec["spikingjelly"]:
         lines.append("| ours best − SJ best (points) | " + " | ".join(
             f"{100 * (best(rec['ours'], T) - best(rec['spikingjelly'], T)):+.1f}" for T in ts) + " |")

@@ -16,7 +16,6 @@ import argparse
 import os
 import platform
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -28,14 +27,8 @@ sys.path.insert(0, str(ROOT))
 import onnx_snn  # noqa: E402
 from onnx_snn_runtime import Simulator  # noqa: E402
 from onnx_snn_runtime.datasets import load_fashion_mnist  # noqa: E402
-from timing import add_timing_args, timed_images  # noqa: E402
+from timing import add_timing_args, seconds, timed_images  # noqa: E402
 from onnx_snn_runtime.providers import session  # noqa: E402
-
-
-def seconds(run) -> float:
-    start = time.perf_counter()
-    run()
-    return time.perf_counter() - start
 
 
 def main() -> None:

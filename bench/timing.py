@@ -1,8 +1,9 @@
-"""What the timing benchmarks (vs_spikingjelly.py, dense_limit.py) share: their options and the
-images each batch size is timed on."""
+"""What the timing benchmarks (vs_spikingjelly.py, dense_limit.py) share: their options, the
+images each batch size is timed on, and the stopwatch."""
 from __future__ import annotations
 
 import argparse
+import time
 
 import numpy as np
 
@@ -19,3 +20,10 @@ def add_timing_args(parser: argparse.ArgumentParser) -> None:
 def timed_images(x: np.ndarray, batch: int, args: argparse.Namespace) -> np.ndarray:
     """Batch 1 is timed on fewer images (it is slow for SpikingJelly); others on at least one batch."""
     return x[: args.batch1_images if batch == 1 else max(batch, args.images)]
+
+
+def seconds(run) -> float:
+    """Wall time of one call of ``run``."""
+    start = time.perf_counter()
+    run()
+    return time.perf_counter() - start

@@ -17,7 +17,6 @@ import argparse
 import os
 import platform
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +29,7 @@ sys.path.insert(0, str(ROOT / "models"))
 import onnx_snn  # noqa: E402
 from onnx_snn_runtime import Simulator  # noqa: E402
 from onnx_snn_runtime.datasets import load_fashion_mnist  # noqa: E402
-from timing import add_timing_args, timed_images  # noqa: E402
+from timing import add_timing_args, seconds, timed_images  # noqa: E402
 
 
 def spikingjelly_snn(lambdas: list[float]):
@@ -107,9 +106,7 @@ def main() -> None:
         for _ in range(args.repeats):
             for name, run in (("ours", lambda: ours_run(ours, xs, args.T, batch)),
                               ("sj", lambda: spikingjelly_run(theirs, xs, args.T, batch))):
-                start = time.perf_counter()
-                run()
-                best[name] = max(best[name], len(xs) * args.T / (time.perf_counter() - start))
+                best[name] = max(best[name], len(xs) * args.T / seconds(run))
         print(f"{batch:6d} {best['ours']:22,.0f} {best['sj']:14,.0f} {best['ours'] / best['sj']:6.1f}x", flush=True)
 
 

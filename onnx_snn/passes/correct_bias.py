@@ -34,6 +34,7 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 import onnx
@@ -63,10 +64,15 @@ class Segment:
     trains: list[str]
     states: list[State]
 
+    @cached_property
+    def session(self):
+        """One onnxruntime session per segment, however often it runs."""
+        return probe_session(self.model, [self.output])
+
     def run(self, feeds: dict[str, np.ndarray], trains: dict[str, np.ndarray], T: int,
             record: bool) -> np.ndarray:
         """``output`` after each step ([T, N, ...]) with ``record``, else its mean over the T steps."""
-        session = probe_session(self.model, [self.output])
+        session = self.session
         needed = {i.name for i in session.get_inputs()}
         feeds = {k: v for k, v in feeds.items() if k in needed}
         batch = len(trains[self.trains[0]][0]) if self.trains else len(next(iter(feeds.values())))

@@ -64,7 +64,6 @@ class EmbedRuntimeForm(Pass):
             log.info("no runtime form: an output does not depend on any neuron")
             return PassResult(model, False)
 
-        tensors = graph.tensors()
         boundary = []
         for node in graph.nodes:
             for t in node.inputs:

@@ -6,10 +6,8 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
-import onnxruntime as ort
 from tqdm.auto import tqdm
 
 from . import providers as prov

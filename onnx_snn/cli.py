@@ -58,6 +58,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     converter = Converter(_calibration_data(args.calib, args.limit), mode, fuse_flag=not args.no_fuse,
                           v_init=v_init, target_T=args.target_T, bias_correction=args.bias_correction,
                           potential_correction=args.potential_correction, output_decoding=args.output_decoding,
+                          fold_scales=not args.no_fold_scales,
                           per_channel=args.per_channel, maxpool=args.maxpool, reset_mode=args.reset,
                           batch_size=args.batch_size, bins=args.bins, progress=not args.quiet)
     snn = converter(args.model)
@@ -131,6 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("-o", "--output", help="output path (default: MODEL with .snn.onnx)")
     c.add_argument("--per-channel", action=argparse.BooleanOptionalAction, default=None, help="one scale per channel instead of per layer")
     c.add_argument("--no-fuse", action="store_true", help="do not fold BatchNormalization")
+    c.add_argument("--no-fold-scales", action="store_true",
+                   help="keep the threshold-scaling Muls around each neuron (SpikingJelly's VoltageScalers) "
+                        "instead of folding them into the weights")
     c.add_argument("--maxpool", choices=STRATEGIES, default="running_max", help="MaxPool strategy (default: running_max)")
     c.add_argument("--reset", choices=("subtract", "zero"), default="subtract", help="neuron reset (default: subtract)")
     c.add_argument("--v-init", default=None, help="initial membrane potential in thresholds: a number or 'half' "

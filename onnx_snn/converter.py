@@ -21,6 +21,7 @@ from .passes.canonicalize import Canonicalize
 from .passes.check_support import CheckSupport
 from .passes.correct_bias import CorrectBias
 from .passes.fold_batchnorm import FoldBatchNorm
+from .passes.fold_scales import FoldScales
 from .passes.insert_neurons import InsertNeurons
 from .passes.maxpool import STRATEGIES, PlaceMaxPool
 from .passes.output_neurons import AddOutputNeurons
@@ -60,6 +61,9 @@ class Converter:
         bins: histogram bins for percentiles (power of two; default 65536 per layer, 4096 per channel).
         exporter: torch exporter for ``torch.nn.Module`` inputs: ``"dynamo"`` or ``"torchscript"``.
         progress: show a progress bar while calibrating.
+        fold_scales: fold the neurons' threshold-scaling Muls into the neighbouring weights where
+            exact (``passes.fold_scales``; default on). ``False`` keeps SpikingJelly's structure,
+            VoltageScaler -> IFNode -> VoltageScaler, visible node for node.
 
     Calling the converter with a model (``torch.nn.Module``, ``.onnx`` path, bytes or
     ``onnx.ModelProto``) returns the step model; ``report`` then lists each layer's scale.
@@ -70,7 +74,8 @@ class Converter:
                  v_reset: float = 0.0, v_init: float | str | None = None, batch_size: int = 256,
                  bins: int | None = None, exporter: str = "dynamo", progress: bool = True,
                  target_T: int | None = None, bias_correction: bool | None = None,
-                 potential_correction: bool | None = None, output_decoding: str = "analog"):
+                 potential_correction: bool | None = None, output_decoding: str = "analog",
+                 fold_scales: bool = True):
         if target_T is not None and (isinstance(target_T, bool) or not isinstance(target_T, int) or target_T <= 0):
             raise OptionError(f"target_T={target_T!r} must be a positive integer")
         options, self.preset = presets.resolve(target_T, dict(
@@ -107,6 +112,9 @@ class Converter:
         if output_decoding not in ("analog", "spikes"):
             raise OptionError(f"output_decoding={output_decoding!r}; use 'analog' or 'spikes'")
         self.output_decoding = output_decoding
+        if not isinstance(fold_scales, bool):
+            raise OptionError(f"fold_scales={fold_scales!r} must be True or False")
+        self.fold_scales = fold_scales
         self.report: list[dict] = []
 
     def options(self) -> dict:
@@ -114,7 +122,7 @@ class Converter:
                 "maxpool": self.maxpool, "reset_mode": self.reset_mode, "v_reset": self.v_reset,
                 "v_init": self.v_init, "target_T": self.target_T, "bias_correction": self.bias_correction,
                 "potential_correction": self.potential_correction, "output_decoding": self.output_decoding,
-                "preset": self.preset}
+                "fold_scales": self.fold_scales, "preset": self.preset}
 
     def passes(self, source_sha256: str = "", neuron: str = "if") -> list[Pass]:
         """The pipeline, in order. ``neuron="analog"`` builds the rescaled ANN instead (for checks)."""
@@ -133,6 +141,8 @@ class Converter:
         if neuron == "if" and (self.bias_correction or self.potential_correction):
             pipeline.append(CorrectBias(self.dataloader, self.target_T, bias=self.bias_correction,
                                         potential=self.potential_correction, batch_size=self.batch_size))
+        if self.fold_scales:
+            pipeline.append(FoldScales())
         if neuron == "if":
             pipeline += [WriteStepModel(source_sha256, self.options()), EmbedRuntimeForm()]
         return pipeline

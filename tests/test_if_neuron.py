@@ -10,12 +10,12 @@ from onnx_snn.ops import if_neuron
 from helpers import run_ort
 
 
-def neuron_model(opset=17, dtype=TensorProto.FLOAT, **attrs):
+def neuron_model(opset=17, dtype=TensorProto.FLOAT, body_modes=if_neuron.RESET_MODES, **attrs):
     node = helper.make_node(if_neuron.OP_TYPE, ["x", "v"], ["s", "v_next"], domain=if_neuron.DOMAIN, **attrs)
     io = lambda n: helper.make_tensor_value_info(n, dtype, ["N", 3, 5])  # noqa: E731
     graph = helper.make_graph([node], "if", [io("x"), io("v")], [io("s"), io("v_next")])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)] + if_neuron.opset_imports(),
-                              functions=[if_neuron.make_function(opset)])
+                              functions=[if_neuron.make_function(opset, body_modes)])
     model.ir_version = 9
     return model
 
@@ -36,9 +36,11 @@ def test_model_with_neuron_passes_full_check(opset):
 @pytest.mark.parametrize("reset_mode,v_reset", [("subtract", 0.0), ("zero", 0.0), ("zero", -0.3)])
 @pytest.mark.parametrize("threshold", [1.0, 0.37])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_function_body_equals_reference_over_many_steps(reset_mode, v_reset, threshold, dtype):
+@pytest.mark.parametrize("body", ["general", "one mode"])
+def test_function_body_equals_reference_over_many_steps(reset_mode, v_reset, threshold, dtype, body):
     attrs = if_neuron.attributes(threshold, reset_mode, v_reset)
-    model = neuron_model(dtype=helper.np_dtype_to_tensor_dtype(np.dtype(dtype)), **attrs)
+    modes = if_neuron.RESET_MODES if body == "general" else [reset_mode]
+    model = neuron_model(dtype=helper.np_dtype_to_tensor_dtype(np.dtype(dtype)), body_modes=modes, **attrs)
     reference = ReferenceEvaluator(model, new_ops=[if_neuron.IFNeuron])
     rng = np.random.default_rng(1)
     v_ort = v_ref = v_np = np.zeros((4, 3, 5), dtype)
@@ -66,11 +68,25 @@ def test_threshold_crossing_is_inclusive_and_reset_subtracts():
     np.testing.assert_allclose(v_next[0, 0], [0.0, 0.0, 1.5, -1.0, 0.999], atol=1e-7)
 
 
-def test_unknown_reset_mode_poisons_instead_of_guessing():
-    model = neuron_model(reset_mode=2)
+@pytest.mark.parametrize("body_modes,reset_mode", [(if_neuron.RESET_MODES, 2), (["subtract"], 1), (["zero"], 0)])
+def test_reset_mode_the_body_lacks_poisons_instead_of_guessing(body_modes, reset_mode):
+    model = neuron_model(body_modes=body_modes, reset_mode=reset_mode)
     x = np.ones((1, 3, 5), np.float32)
     _, v_next = run_ort(model, {"x": x, "v": np.zeros_like(x)})
     assert np.isnan(v_next).all()
+
+
+def test_one_mode_body_leaves_the_other_reset_out():
+    """The subtract-only body is what converted models run: no Where, two ops fewer than the general body."""
+    ops = lambda fn: [node.op_type for node in fn.node if node.op_type != "Constant"]  # noqa: E731
+    general, subtract = if_neuron.make_function(17), if_neuron.make_function(17, ["subtract"])
+    assert "Where" in ops(general) and "Where" not in ops(subtract)
+    assert len(ops(subtract)) < len(ops(general))
+
+
+def test_unknown_reset_mode_is_refused_by_the_reference():
+    model = neuron_model(reset_mode=2)
+    x = np.ones((1, 3, 5), np.float32)
     with pytest.raises(ValueError, match="reset_mode"):
         ReferenceEvaluator(model, new_ops=[if_neuron.IFNeuron]).run(None, {"x": x, "v": np.zeros_like(x)})
 

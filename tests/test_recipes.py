@@ -113,8 +113,10 @@ def test_bias_correction_makes_mean_snn_outputs_match_the_ann_layer_by_layer():
         return [np.abs((target - snn_mean(snn, {"x": x}, name, T)).mean(axis=(0, 2, 3))).max()
                 for name, target in zip(outputs, targets)]
 
-    plain = onnx_snn.Converter(x, mode="max", target_T=T, progress=False)(model)
-    corrected = onnx_snn.Converter(x, mode="max", target_T=T, bias_correction=True, progress=False)(model)
+    # unfolded scales: the test reads each layer's output (λ * spikes), which folding removes
+    plain = onnx_snn.Converter(x, mode="max", target_T=T, progress=False, fold_scales=False)(model)
+    corrected = onnx_snn.Converter(x, mode="max", target_T=T, bias_correction=True, progress=False,
+                                   fold_scales=False)(model)
     before, after = mean_errors(plain, plain), mean_errors(corrected, plain)
     print("per-channel mean |ANN - SNN| before / after bias correction:", before, after)
     assert all(a < 0.5 * b_ for a, b_ in zip(after, before))
@@ -130,7 +132,7 @@ def test_bias_correction_makes_mean_snn_outputs_match_the_ann_layer_by_layer():
                 for name, target in zip(outputs, targets)]
 
     both = onnx_snn.Converter(x, mode="max", target_T=T, bias_correction=True, potential_correction=True,
-                              progress=False)(model)
+                              progress=False, fold_scales=False)(model)
     init = onnx_snn.spec(both).states[0].init
     assert init.shape == (4, 6, 6) and 0 <= init.min() and init.max() <= 1  # per-neuron potentials
     bias_only, with_potential = neuron_errors(corrected), neuron_errors(both)
@@ -215,7 +217,8 @@ def test_correction_segments_fed_recorded_trains_compute_what_the_whole_model_do
     model = b.model({"x": ["N", 2, 8, 8]}, [b.op("ReduceMean", [net(b)], axes=[2, 3])])
     x = np.random.default_rng(3).random((16, 2, 8, 8)).astype(np.float32)
     T = 6
-    snn = onnx_snn.Converter(x, target_T=T, progress=False)(model)  # the preset: corrected, per-neuron v_init
+    # the preset (corrected, per-neuron v_init); unfolded scales, since the test reads layer outputs
+    snn = onnx_snn.Converter(x, target_T=T, progress=False, fold_scales=False)(model)
     spec = onnx_snn.spec(snn)
     outputs = [e["output"] for e in spec.calibration["layers"]]
     whole = simulate(probe_session(snn, outputs), {"x": x}, T, StepModelSpec(spec.states, {o: "sum" for o in outputs}))

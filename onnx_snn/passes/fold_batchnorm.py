@@ -124,6 +124,16 @@ _FOLDERS = {"Conv": _fold_conv, "ConvTranspose": _fold_conv, "Gemm": _fold_gemm,
             "MatMul": _fold_matmul, "Add": _fold_matmul}
 
 
+def fold_into_producer(graph: gs.Graph, x: gs.Tensor, reader: gs.Node, s: np.ndarray, t: np.ndarray) -> bool:
+    """Fold the per-channel affine ``s * x + t`` (float64 vectors along axis 1) into the layer
+    that produces ``x``, when that is a Conv/ConvTranspose/Gemm/MatMul with constant weights and
+    ``reader`` is the only reader of ``x``. Returns whether it did; the caller then bypasses
+    ``reader``. Used for BatchNorm here and for the neurons' input scales (``passes.fold_scales``)."""
+    prev = producer(x)
+    folder = _FOLDERS.get(prev.op) if prev is not None else None
+    return folder is not None and sole_consumer(graph, x) is reader and folder(graph, prev, s, t)
+
+
 def _to_affine(graph, bn, s, t) -> None:
     x = bn.inputs[0]
     r = rank(x)
@@ -148,11 +158,9 @@ class FoldBatchNorm(Pass):
                 bn.outputs.pop()  # running statistics of inference-mode exports are unused
             s, t = bn_scale_shift(bn)
             x = bn.inputs[0]
-            prev = producer(x)
-            folder = _FOLDERS.get(prev.op) if prev is not None else None
-            if folder is not None and sole_consumer(graph, x) is bn and folder(graph, prev, s, t):
+            if fold_into_producer(graph, x, bn, s, t):
                 bypass(graph, bn, x)  # x has no other reader and is no graph input: always possible
-                log.info("folded %s into %s", bn.name, prev.name)
+                log.info("folded %s into %s", bn.name, producer(x).name)
             else:
                 _to_affine(graph, bn, s, t)
                 log.info("turned %s into a per-channel affine", bn.name)

@@ -88,7 +88,7 @@ class InsertNeurons(Pass):
                 out.opset_import.extend(if_neuron.opset_imports())
             opset = next(o.version for o in out.opset_import if o.domain in ("", "ai.onnx"))
             if not any(f.domain == if_neuron.DOMAIN for f in out.functions):
-                out.functions.append(if_neuron.make_function(opset))
+                out.functions.append(if_neuron.make_function(opset, reset_modes=[self.reset_mode]))
         out.metadata_props.add(key=KEY_STATES, value=json.dumps([s.to_json() for s in states]))
         return PassResult(out, True)
 

@@ -83,8 +83,11 @@ class Engine:
         self._counts = {c.output: self._ortvalue(np.zeros(batch, np_type(types[c.output])))
                         for c in self.plan.spike_counts}
         self._bindings = [self.body.io_binding(), self.body.io_binding()]
-        self._run_options = [ort.RunOptions(), ort.RunOptions()]
+        # No RunOptions without CUDA graphs: onnxruntime's Python wrapper looks up gpu_graph_id in
+        # any RunOptions given, and a missing entry costs an exception (36 us a step on the CPU).
+        self._run_options = [None, None]
         if self.cuda_graph:
+            self._run_options = [ort.RunOptions(), ort.RunOptions()]
             for ro in self._run_options:
                 ro.add_run_config_entry("gpu_graph_id", str(next(_graph_ids)))
         self._bound = False
@@ -110,7 +113,7 @@ class Engine:
         self.cuda_graph, self.cuda_graph_reason = False, f"off: capture failed ({error})"
         self.body = prov.session(self.plan.body, self._provider, **self._session_options)
         self._bindings = [self.body.io_binding(), self.body.io_binding()]
-        self._run_options = [ort.RunOptions(), ort.RunOptions()]
+        self._run_options = [None, None]
         self._bind()
 
     # -- stepping ------------------------------------------------------------------------------

@@ -1,0 +1,164 @@
+"""Scale-folding pass: move the neurons' threshold scaling into the neighbouring weights.
+
+``InsertNeurons`` writes every neuron as ``Mul(1/λ) -> neuron -> Mul(λ)`` (nodes named
+``snn.<layer>.scale_in`` and ``snn.<layer>.scale_out``), SpikingJelly's VoltageScaler ->
+IFNode -> VoltageScaler. Each Mul is a full pass over the layer's activations at every
+timestep; folded into a weight it costs nothing.
+
+Guarantees: the model computes the same function to float32 rounding (the algebra is done in
+float64), state shapes and meanings are unchanged (a membrane still sees z / λ), and a Mul is
+folded only where that is exact in exact arithmetic:
+
+* input side: ``scale_in`` whose other operand comes from a Conv, ConvTranspose, Gemm or MatMul
+  (through Adds of constants, such as bias correction's shift, which fold into the bias first)
+  with constant weights and no other reader: the weights and bias are divided by λ, the same
+  folding as BatchNorm's (``passes.fold_batchnorm.fold_into_producer``);
+* output side: ``scale_out`` whose output reaches a Conv (group 1), Gemm or MatMul with constant
+  weights only through AveragePool, GlobalAveragePool, ReduceMean over spatial axes and Flatten
+  (all linear and per channel), each tensor read by that one node: the weights' input channels
+  are multiplied by λ.
+
+Everything else keeps its Mul: a scale that reaches a residual Add, a running-max MaxPool, a
+graph output or a second reader. Spikes differ from the unfolded model only where a potential
+lies within float rounding of the threshold (onnxruntime's own Conv+Mul fusion makes the same
+kind of change; ``Simulator(optimize=False)`` does not).
+"""
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from ..graph import bypass, const, export_model, import_graph, producer, sole_consumer, unique_name
+from .base import Pass, PassResult
+from .fold_batchnorm import fold_into_producer
+
+log = logging.getLogger(__name__)
+
+_CHANNEL_LINEAR = ("AveragePool", "GlobalAveragePool", "ReduceMean", "Flatten")
+
+
+def _const_operand(node: gs.Node) -> tuple[gs.Tensor, np.ndarray] | None:
+    """(variable input, constant operand) of a binary node with exactly one constant operand."""
+    a, b = node.inputs
+    if const(b) is not None and const(a) is None:
+        return a, const(b)
+    if const(a) is not None and const(b) is None:
+        return b, const(a)
+    return None
+
+
+def _per_channel(factor: np.ndarray, tensor: gs.Tensor) -> np.ndarray | None:
+    """A constant broadcast against ``tensor`` as a float64 vector along its axis 1, or None when
+    it varies along another axis (or the tensor's rank or channel count is unknown)."""
+    shape = tensor.shape
+    if shape is None or len(shape) < 2 or not isinstance(shape[1], int) or factor.ndim > len(shape):
+        return None
+    full = factor.reshape((1,) * (len(shape) - factor.ndim) + factor.shape)
+    if any(d != 1 for i, d in enumerate(full.shape) if i != 1) or full.shape[1] not in (1, shape[1]):
+        return None
+    return np.broadcast_to(full.astype(np.float64).reshape(-1), (shape[1],)).copy()
+
+
+def _fold_input(graph: gs.Graph, mul: gs.Node) -> bool:
+    operands = _const_operand(mul)
+    if operands is None:
+        return False
+    x, factor = operands
+    s = _per_channel(factor, x)
+    if s is None:
+        return False
+    for _ in range(8):  # each round folds one constant Add (a bias shift) into the layer first
+        if fold_into_producer(graph, x, mul, s, np.zeros_like(s)):
+            return bypass(graph, mul, x)
+        add = producer(x)
+        shift = _const_operand(add) if add is not None and add.op == "Add" else None
+        if shift is None or sole_consumer(graph, x) is not mul:
+            return False
+        inner, value = shift
+        t = _per_channel(value, x)
+        if t is None or not fold_into_producer(graph, inner, add, np.ones_like(s), t):
+            return False
+        bypass(graph, add, inner)
+        x = inner
+    return False
+
+
+def _reduces_spatial_axes(node: gs.Node, rank: int) -> bool:
+    axes = node.attrs.get("axes")
+    if axes is None and len(node.inputs) > 1 and not node.inputs[1].is_empty():
+        axes = const(node.inputs[1])
+    if axes is None:
+        return False
+    return all(int(a) % rank >= 2 for a in np.asarray(axes).reshape(-1))
+
+
+def _fold_output(graph: gs.Graph, mul: gs.Node) -> bool:
+    operands = _const_operand(mul)
+    if operands is None:
+        return False
+    spikes, factor = operands
+    y = mul.outputs[0]
+    lam = _per_channel(factor, y)
+    if lam is None:
+        return False
+    t, per_feature = y, lam  # per_feature: the factor along axis 1 of t
+    while True:
+        reader = sole_consumer(graph, t)
+        if reader is None:
+            return False
+        out = reader.outputs[0]
+        if reader.op in _CHANNEL_LINEAR:
+            shape = t.shape
+            if shape is None or out.shape is None:
+                return False
+            if reader.op == "Flatten":
+                if int(reader.attrs.get("axis", 1)) != 1 or not all(isinstance(d, int) for d in shape[2:]):
+                    return False
+                per_feature = np.repeat(per_feature, int(np.prod(shape[2:], dtype=np.int64)))
+            elif reader.op == "ReduceMean" and not _reduces_spatial_axes(reader, len(shape)):
+                return False
+            t = out
+            continue
+        if reader.inputs[0] is not t:
+            return False
+        return _scale_weight_inputs(graph, reader, per_feature, mul, spikes)
+
+
+def _scale_weight_inputs(graph: gs.Graph, layer: gs.Node, lam: np.ndarray, mul: gs.Node, spikes: gs.Tensor) -> bool:
+    """W' = W * λ along the layer's input features; then the Mul is bypassed."""
+    w = const(layer.inputs[1]) if len(layer.inputs) > 1 else None
+    if w is None:
+        return False
+    w64 = w.astype(np.float64)
+    if layer.op == "Conv" and int(layer.attrs.get("group", 1)) == 1 and w.ndim >= 3 and w.shape[1] == len(lam):
+        w_new = w64 * lam.reshape((1, -1) + (1,) * (w.ndim - 2))
+    elif layer.op == "Gemm" and not layer.attrs.get("transA", 0) and w.ndim == 2:
+        trans = bool(layer.attrs.get("transB", 0))
+        if w.shape[1 if trans else 0] != len(lam):
+            return False
+        w_new = w64 * (lam[None, :] if trans else lam[:, None])
+    elif layer.op == "MatMul" and w.ndim == 2 and w.shape[0] == len(lam) and len(layer.outputs[0].shape or ()) == 2:
+        w_new = w64 * lam[:, None]
+    else:
+        return False
+    layer.inputs[1] = gs.Constant(unique_name(graph, f"{layer.name}.weight_scaled"),
+                                  np.ascontiguousarray(w_new.astype(w.dtype)))
+    return bypass(graph, mul, spikes)
+
+
+class FoldScales(Pass):
+    def call(self, model: onnx.ModelProto) -> PassResult:
+        graph = import_graph(model)
+        folded = []
+        for mul in [n for n in graph.nodes if n.op == "Mul" and (n.name or "").startswith("snn.")]:
+            if mul.name.endswith(".scale_in") and _fold_input(graph, mul):
+                folded.append(mul.name)
+            elif mul.name.endswith(".scale_out") and _fold_output(graph, mul):
+                folded.append(mul.name)
+        if not folded:
+            return PassResult(model, False)
+        log.info("folded %d threshold-scaling Muls into weights: %s", len(folded), folded)
+        return PassResult(export_model(graph, model), True)

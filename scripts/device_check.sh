@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# The GPU checks of the runtime, as one script for a lent GPU machine (onnxruntime-gpu installed):
-# the CUDA test module, then the runtime benchmark. Output also goes to $OUT when set.
+# The GPU checks of the runtime, as one script for a lent GPU machine (onnxruntime-gpu installed;
+# torch with CUDA and SpikingJelly for bench/cuda.py): the CUDA test module, the runtime
+# benchmark, then the GPU comparison with SpikingJelly and the dense limit. Output also goes to
+# $OUT when set.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 # onnxruntime-gpu finds cuBLAS/cuDNN from NVIDIA's pip packages when they are on the library path
@@ -13,4 +15,5 @@ LOG=${OUT:-/tmp}/device_check.log
   python3 -c "import onnxruntime as o; print('onnxruntime', o.__version__, o.get_available_providers())"
   python3 -m pytest -q -s -p no:cacheprovider tests/test_cuda.py
   python3 bench/runtime.py --T 50 --repeats 3
+  python3 bench/cuda.py --T 50 --repeats 3
 } 2>&1 | tee "$LOG"

@@ -54,7 +54,9 @@ def session(model: bytes, provider: str, *, cuda_graph: bool = False, threads: i
     if not optimize:
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     if provider == "CUDAExecutionProvider":
-        options = {"device_id": str(device_id)}
+        # TF32 convolutions (onnxruntime's default on Ampere and later) round currents at 1e-3,
+        # enough to move spikes a step; an SNN's timing is only as exact as its arithmetic
+        options = {"device_id": str(device_id), "use_tf32": "0"}
         if cuda_graph:
             options["enable_cuda_graph"] = "1"
         chosen = [("CUDAExecutionProvider", options), "CPUExecutionProvider"]

@@ -15,12 +15,21 @@ def with_metadata(model: onnx.ModelProto, key: str, value: str) -> onnx.ModelPro
     return out
 
 
-def probe_session(model: onnx.ModelProto, outputs: list[str]) -> ort.InferenceSession:
-    """A CPU session of ``model`` with the tensors ``outputs`` exposed as extra graph outputs."""
+def probe_model(model: onnx.ModelProto, outputs: list[str]) -> onnx.ModelProto:
+    """A copy of ``model`` with the tensors ``outputs`` exposed as extra graph outputs."""
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
     known = {o.name for o in probe.graph.output}
     probe.graph.output.extend(onnx.ValueInfoProto(name=n) for n in outputs if n not in known)
+    return probe
+
+
+def cpu_session(model: onnx.ModelProto) -> ort.InferenceSession:
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
-    return ort.InferenceSession(probe.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+
+
+def probe_session(model: onnx.ModelProto, outputs: list[str]) -> ort.InferenceSession:
+    """A CPU session of ``model`` with the tensors ``outputs`` exposed as extra graph outputs."""
+    return cpu_session(probe_model(model, outputs))

@@ -133,3 +133,96 @@ def test_float16_activations_use_all_bins():
     hist.update(x)
     exact = np.quantile(x.astype(np.float64), 0.9, method="inverted_cdf")
     assert abs(hist.quantile(0.9)[0] - exact) <= hist.bin_width[0] * 1.001
+
+
+# -- tail statistics: the probe computes max and tail in the graph ---------------------------------
+
+def _tail_of(hist_floor, batches, channels=1):
+    from onnx_snn.calibration.stats import TailHistogram
+    hist = TailHistogram(np.full(channels, hist_floor), 4096 if channels > 1 else 1 << 16)
+    for b in batches:
+        rows = np.moveaxis(b, 1, 0).reshape(channels, -1) if channels > 1 else b.reshape(1, -1)
+        mask = rows > hist_floor
+        channel = np.nonzero(mask)[0] if channels > 1 else None
+        hist.update(rows[mask], channel, rows.shape[1], rows.max(axis=1))
+    return hist
+
+
+@pytest.mark.parametrize("q", [0.9, 0.99, 0.999])
+def test_tail_quantile_within_one_tail_bin_of_numpy(q):
+    batches = relu_batches(np.random.default_rng(5))
+    everything = np.concatenate([b.ravel() for b in batches])
+    floor = np.quantile(everything, 0.5, method="inverted_cdf")
+    hist = _tail_of(floor, batches)
+    assert hist.covers(q).all() and hist.n == everything.size
+    exact = np.quantile(everything, q, method="inverted_cdf")
+    width = hist.range[0] / hist.bins
+    assert exact - 1e-6 * width <= hist.quantile(q)[0] <= exact + width * (1 + 1e-5)
+    lam = hist.quantile(q)[0]
+    assert abs(hist.share_above(lam)[0] - np.mean(everything > lam)) <= 2 / everything.size + 1e-4
+
+
+def test_tail_that_starts_above_the_quantile_says_so():
+    batches = relu_batches(np.random.default_rng(6))
+    everything = np.concatenate([b.ravel() for b in batches])
+    hist = _tail_of(np.quantile(everything, 0.995), batches)
+    assert not hist.covers(0.99).any() and hist.covers(0.999).all()
+
+
+def _net():
+    from onnx_builder import GraphBuilder
+    b = GraphBuilder(seed=8)
+    h = b.op("Relu", [b.op("Conv", ["x", b.rand(4, 2, 3, 3), b.rand(4)])])
+    y = b.op("Relu", [b.op("Gemm", [b.op("Flatten", [h]), b.rand(4 * 4 * 4, 5), b.rand(5)])])
+    return b.model({"x": ["N", 2, 6, 6]}, [y])
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+@pytest.mark.parametrize("mode", ["max", "99.9%", "99%", "90%", 0.5])
+def test_probe_statistics_equal_the_dense_path(mode, per_channel, monkeypatch):
+    """The tail probe and binning every activation in numpy give the same lambda (within the
+    dense histogram's bin width) and the same share above it."""
+    import json
+    from onnx_snn.passes import calibrate
+    model, x = _net(), np.random.default_rng(9).standard_normal((300, 2, 6, 6)).astype(np.float32)
+
+    def run():
+        out = calibrate.Calibrate(x, mode, per_channel=per_channel, batch_size=64, progress=False)(model).model
+        return json.loads({p.key: p.value for p in out.metadata_props}[calibrate.METADATA_KEY])["layers"]
+
+    dense_path = calibrate.Calibrate._dense
+    with monkeypatch.context() as m:
+        m.setattr(calibrate.Calibrate, "_dense", None)  # the probe path must serve these modes alone
+        tails = run()
+    monkeypatch.setattr(calibrate.Calibrate, "_tails", dense_path)
+    dense = run()
+    for t, d in zip(tails, dense):
+        lt, ld = np.atleast_1d(t["lambda"]), np.atleast_1d(d["lambda"])
+        width = 2 * np.max(ld) / (4096 if per_channel else 1 << 16)
+        assert np.all(np.abs(lt - ld) <= width + 1e-6), (t, d)
+        assert t["max"] == d["max"] and abs(t["share_above"] - d["share_above"]) <= 2e-3
+
+
+def test_sorted_data_that_defeats_the_first_floor_gets_a_second_pass(caplog):
+    """The first batch's activations are far larger than the rest: its floor lies above the
+    99% quantile of all the data, so the pass runs again with floor 0, and the result is exact."""
+    import json
+    import logging
+    from onnx_snn.passes import calibrate
+    model = _net()
+    rng = np.random.default_rng(10)
+    x = rng.standard_normal((2048, 2, 6, 6)).astype(np.float32)
+    x[:64] *= 50  # the first batch: its top 20 % are 0.6 % of all values, fewer than the top 1 %
+    caplog.set_level(logging.INFO, logger="onnx_snn.passes.calibrate")
+    out = calibrate.Calibrate(x, "99%", batch_size=64, progress=False)(model).model
+    assert "second pass" in caplog.text
+    layers = json.loads({p.key: p.value for p in out.metadata_props}[calibrate.METADATA_KEY])["layers"]
+    from onnx_snn.model_util import probe_session
+    acts = probe_session(model, [layers[0]["output"]]).run([layers[0]["output"]], {"x": x})[0]
+    exact = np.quantile(acts.ravel(), 0.99, method="inverted_cdf")
+    assert abs(layers[0]["lambda"] - exact) <= 2 * acts.max() / (1 << 16)
+    # a one-shot generator cannot be read twice: it gets floor 0 from the start, same lambda
+    gen = (x[s:s + 64] for s in range(0, len(x), 64))
+    out = calibrate.Calibrate(gen, "99%", batch_size=64, progress=False)(model).model
+    again = json.loads({p.key: p.value for p in out.metadata_props}[calibrate.METADATA_KEY])["layers"]
+    assert abs(again[0]["lambda"] - exact) <= 2 * acts.max() / (1 << 16)

@@ -21,6 +21,18 @@ DEFAULT_BINS_LAYER = 1 << 16
 DEFAULT_BINS_CHANNEL = 1 << 12
 
 
+def merge_bins(counts: np.ndarray, factor: int) -> np.ndarray:
+    """Counts of ``len(counts)`` equal bins after the range grows ``factor``-fold (a power of two):
+    groups of ``factor`` bins merge into the low ones, so every new bin edge is an old one."""
+    bins = len(counts)
+    merged = np.zeros(bins, dtype=np.int64)
+    if factor >= bins:
+        merged[0] = counts.sum()
+    else:
+        merged[: bins // factor] = counts.reshape(-1, factor).sum(axis=1)
+    return merged
+
+
 class StreamingHistogram:
     """Per-channel histograms of non-negative activations; channel axis 1 of each batch."""
 
@@ -45,12 +57,7 @@ class StreamingHistogram:
             self.range[c] = needed
             return
         factor = 1 << int(np.ceil(np.log2(needed / self.range[c])))
-        merged = np.zeros(self.bins, dtype=np.int64)
-        if factor >= self.bins:
-            merged[0] = self.counts[c].sum()
-        else:
-            merged[: self.bins // factor] = self.counts[c].reshape(-1, factor).sum(axis=1)
-        self.counts[c] = merged
+        self.counts[c] = merge_bins(self.counts[c], factor)
         self.range[c] *= factor
 
     def update(self, x: np.ndarray) -> None:
@@ -107,4 +114,83 @@ class StreamingHistogram:
             b = min(int(pos), self.bins - 1)
             above = self.counts[c, b + 1:].sum() + self.counts[c, b] * (b + 1 - pos)
             out[c] = above / self.n
+        return out
+
+
+class TailHistogram:
+    """Per-channel counts of the values at or below a fixed ``floor`` and a histogram of those
+    above it, over ``(floor, floor + R)`` with R doubling as in ``StreamingHistogram``.
+
+    Enough for any quantile whose rank lies above the floor (``covers``) and for the share of
+    values above any v >= floor, with the same error bound as ``StreamingHistogram`` but over
+    the tail only (so finer bins). It takes the tail as sparse values with their channels, which
+    the calibration probe selects inside the graph, so the bulk of the activations never leaves
+    onnxruntime.
+    """
+
+    def __init__(self, floor: np.ndarray, bins: int | None = None):
+        self.floor = np.asarray(floor, dtype=np.float64).reshape(-1)
+        self.channels = len(self.floor)
+        self.bins = bins or (DEFAULT_BINS_LAYER if self.channels == 1 else DEFAULT_BINS_CHANNEL)
+        if self.bins < 2 or self.bins & (self.bins - 1):
+            raise ValueError(f"bins must be a power of two >= 2, got {self.bins}")
+        self.counts = np.zeros((self.channels, self.bins), dtype=np.int64)
+        self.range = np.zeros(self.channels)
+        self.max = np.zeros(self.channels)
+        self.below = np.zeros(self.channels, dtype=np.int64)
+        self.n = 0  # values seen per channel
+
+    def update(self, values: np.ndarray, channel: np.ndarray | None, per_channel: int, batch_max: np.ndarray) -> None:
+        """One batch: ``values`` above the floor (any order) with their ``channel`` indices (None
+        for one channel), ``per_channel`` values seen per channel, and the exact ``batch_max``."""
+        values = np.asarray(values, dtype=np.float64).reshape(-1)
+        channel = np.zeros(len(values), np.intp) if channel is None else np.asarray(channel, np.intp).reshape(-1)
+        batch_max = np.asarray(batch_max, dtype=np.float64).reshape(-1)
+        if not np.isfinite(batch_max).all() or not np.isfinite(values).all():
+            raise ValueError("activations contain Inf or NaN")
+        self.max = np.maximum(self.max, batch_max)
+        above = np.bincount(channel, minlength=self.channels)
+        self.below += per_channel - above
+        self.n += per_channel
+        if not len(values):
+            return
+        need = batch_max - self.floor
+        for c in np.flatnonzero((above > 0) & (need >= self.range)):
+            needed = float(np.nextafter(need[c], np.inf))
+            if self.range[c] == 0:
+                self.range[c] = needed
+            else:
+                factor = 1 << int(np.ceil(np.log2(needed / self.range[c])))
+                self.counts[c] = merge_bins(self.counts[c], factor)
+                self.range[c] *= factor
+        scale = self.bins / np.where(self.range > 0, self.range, 1.0)
+        idx = np.minimum(((values - self.floor[channel]) * scale[channel]).astype(np.intp), self.bins - 1)
+        self.counts += np.bincount(channel * self.bins + idx, minlength=self.channels * self.bins).reshape(
+            self.channels, self.bins)
+
+    def covers(self, q: float) -> np.ndarray:
+        """Per channel: whether the q-quantile lies above the floor (else the floor was too high)."""
+        return (self.n == 0) | (self.below < np.ceil(q * self.n)) | (self.floor <= 0)
+
+    def quantile(self, q: float) -> np.ndarray:
+        """Per-channel inverted-CDF q-quantile, within one tail-bin width above the exact value.
+        A channel whose quantile is at or below a floor of 0 gets 0 (the values there are zeros)."""
+        if q >= 1.0:
+            return self.max.copy()
+        rank = np.ceil(q * self.n) - self.below
+        cum = np.cumsum(self.counts, axis=1)
+        b = np.argmax(cum >= rank[:, None], axis=1)
+        value = np.minimum(self.floor + (b + 1) * self.range / self.bins, self.max)
+        return np.where(rank <= 0, np.minimum(self.floor, self.max), value)
+
+    def share_above(self, value: np.ndarray | float) -> np.ndarray:
+        """Per-channel share of values strictly above ``value`` (>= the floor), bins interpolated."""
+        value = np.broadcast_to(np.asarray(value, dtype=np.float64), (self.channels,))
+        out = np.zeros(self.channels)
+        for c in range(self.channels):
+            if self.n == 0 or value[c] >= self.max[c] or self.range[c] == 0:
+                continue
+            pos = max(value[c] - self.floor[c], 0.0) / (self.range[c] / self.bins)
+            b = min(int(pos), self.bins - 1)
+            out[c] = (self.counts[c, b + 1:].sum() + self.counts[c, b] * (b + 1 - pos)) / self.n
         return out

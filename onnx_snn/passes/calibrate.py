@@ -1,10 +1,21 @@
 """Calibration pass: choose each neuron's activation scale lambda from data.
 
-Runs the (folded) ANN with onnxruntime over the calibration data with every ReLU/Clip output
-exposed, streams the statistics (``calibration.stats``: bounded memory whatever the dataset
-size), and records per site, in the model's metadata (``onnx_snn.calibration``): lambda (a
+Runs the (folded) ANN with onnxruntime over the calibration data, streams each ReLU/Clip
+output's statistics (``calibration.stats``: bounded memory whatever the dataset size), and
+records per site, in the model's metadata (``onnx_snn.calibration``): lambda (a
 scalar, or one value per channel of axis 1), the exact max, and the share of calibration
 activations above lambda. The graph itself is unchanged.
+
+Two ways to gather the statistics, with the same results up to the histograms' bin width:
+
+* the modes that need only the max and the upper tail (max, fractions, percentiles) run a
+  probe that computes the max and selects the tail inside the graph (``calibration.probe``):
+  the first batch sets a floor per site (a fraction k of its max; for a q-percentile, the
+  value with 20 (1 - q) of the batch above it), and only values above the floor reach numpy
+  (``stats.TailHistogram``). If the data turns out to put the percentile below a floor, a
+  second pass with floor 0 follows (a one-shot iterator gets floor 0 from the start);
+* the search mode needs the whole distribution: every activation is binned
+  (``stats.StreamingHistogram``).
 
 Guarantees: every lambda is finite and > 0; for Clip(0, c) (ReLU6) lambda <= c. A layer that
 never activated gets lambda = 1 and a warning (its neurons then never fire, like the ReLU);
@@ -14,24 +25,30 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
 import onnx
 from tqdm.auto import tqdm
 
+from ..calibration import probe
 from ..calibration.data import InputSpec, iterate_batches
 from ..calibration.mode import Mode, parse_mode
 from ..calibration.search import search_threshold
-from ..calibration.stats import StreamingHistogram
+from ..calibration.stats import StreamingHistogram, TailHistogram
 from ..errors import CalibrationError, DataError, OptionError
 from ..graph import import_graph
-from ..model_util import probe_session, with_metadata
+from ..model_util import cpu_session, probe_session, with_metadata
 from ..support import NEURON_OPS, clip_bounds
 from .base import Pass, PassResult
 
 log = logging.getLogger(__name__)
 METADATA_KEY = "onnx_snn.calibration"
+
+
+# For a q-percentile the first batch's floor leaves FLOOR_TAIL * (1 - q) of its values above it
+FLOOR_TAIL = 20
 
 
 @dataclass
@@ -41,17 +58,30 @@ class Site:
     output: str
     rank: int | None
     clip_max: float | None
+    channels: int | None = None  # static size of axis 1, if known
 
 
 def neuron_sites(model: onnx.ModelProto) -> list[Site]:
+    try:  # ranks and channel counts; a model from Canonicalize has them already
+        model = onnx.shape_inference.infer_shapes(model)
+    except Exception as e:  # noqa: BLE001 - inference is a help here, not a requirement
+        log.debug("shape inference failed (%s); sites of unknown shape use the dense statistics", e)
     graph = import_graph(model)
     sites = []
     for node in graph.nodes:
         if node.op in NEURON_OPS:
             out = node.outputs[0]
-            sites.append(Site(node.name, node.op, out.name, None if out.shape is None else len(out.shape),
-                              clip_bounds(node)[1] if node.op == "Clip" else None))
+            shape = out.shape
+            channels = shape[1] if shape is not None and len(shape) >= 2 and isinstance(shape[1], int) else None
+            sites.append(Site(node.name, node.op, out.name, None if shape is None else len(shape),
+                              clip_bounds(node)[1] if node.op == "Clip" else None, channels))
     return sites
+
+
+def _reiterable(data) -> bool:
+    """Whether a second pass over the data is possible (arrays, paths, lists, DataLoaders: yes;
+    generators and other iterators: no)."""
+    return not isinstance(data, Iterator)
 
 
 class Calibrate(Pass):
@@ -71,35 +101,110 @@ class Calibrate(Pass):
         sites = neuron_sites(model)
         inits = {t.name for t in model.graph.initializer}
         inputs = [InputSpec.of(i) for i in model.graph.input if i.name not in inits]
-        batches, count = iterate_batches(self.data, inputs, self.batch_size)
         if not sites:
             log.warning("the model has no ReLU or Clip: nothing to calibrate, the SNN has no neurons")
-        need_hist = self.mode.kind != "max"
-        hists: list[StreamingHistogram | None] = [None] * len(sites)
-        session = probe_session(model, [s.output for s in sites]) if sites else None
-        samples = 0
-        for feeds in tqdm(batches, total=count, desc="calibrating", unit="batch", disable=not self.progress,
-                          leave=False):
-            samples += len(next(iter(feeds.values())))
-            if session is None:
-                continue
-            try:
-                activations = session.run([s.output for s in sites], feeds)
-            except Exception as e:  # noqa: BLE001 - onnxruntime's own checks of the data
-                raise DataError(f"onnxruntime refused the calibration data: {e}") from e
-            for i, act in enumerate(activations):
-                if hists[i] is None:
-                    channels = act.shape[1] if self.per_channel and act.ndim >= 2 else 1
-                    hists[i] = StreamingHistogram(channels, self.bins, histogram=need_hist)
-                try:
-                    hists[i].update(act)
-                except ValueError as e:
-                    raise CalibrationError(f"layer {sites[i].node} ({sites[i].op}): {e}; the model overflows "
-                                           "on this data: check the weights and the input scaling") from e
+            _, samples = self._dense(model, inputs, sites)
+            hists = []
+        elif self.mode.kind != "search" and all(s.rank is not None for s in sites) and (
+                not self.per_channel or all(s.channels is not None or s.rank < 2 for s in sites)):
+            hists, samples = self._tails(model, inputs, sites)
+        else:
+            hists, samples = self._dense(model, inputs, sites)
         layers = [self._scale(site, hist) for site, hist in zip(sites, hists)]
         record = {"mode": str(self.mode), "per_channel": self.per_channel, "samples": samples,
                   "layers": layers}
         return PassResult(with_metadata(model, METADATA_KEY, json.dumps(record)), True)
+
+    def _batches(self, inputs):
+        batches, count = iterate_batches(self.data, inputs, self.batch_size)
+        return tqdm(batches, total=count, desc="calibrating", unit="batch", disable=not self.progress, leave=False)
+
+    def _run(self, session, outputs, feeds):
+        try:
+            return session.run(outputs, feeds)
+        except Exception as e:  # noqa: BLE001 - onnxruntime's own checks of the data
+            raise DataError(f"onnxruntime refused the calibration data: {e}") from e
+
+    @staticmethod
+    def _overflow(site: Site, e: ValueError) -> CalibrationError:
+        return CalibrationError(f"layer {site.node} ({site.op}): {e}; the model overflows on this data: check "
+                                "the weights and the input scaling")
+
+    def _dense(self, model, inputs, sites) -> tuple[list[StreamingHistogram], int]:
+        """Every activation leaves onnxruntime and is binned (the search mode's whole distribution)."""
+        hists: list[StreamingHistogram | None] = [None] * len(sites)
+        session = probe_session(model, [s.output for s in sites]) if sites else None
+        samples = 0
+        for feeds in self._batches(inputs):
+            samples += len(next(iter(feeds.values())))
+            if session is None:
+                continue
+            for i, act in enumerate(self._run(session, [s.output for s in sites], feeds)):
+                if hists[i] is None:
+                    channels = act.shape[1] if self.per_channel and act.ndim >= 2 else 1
+                    hists[i] = StreamingHistogram(channels, self.bins, histogram=self.mode.kind != "max")
+                try:
+                    hists[i].update(act)
+                except ValueError as e:
+                    raise self._overflow(sites[i], e) from e
+        return hists, samples
+
+    def _tails(self, model, inputs, sites) -> tuple[list[TailHistogram], int]:
+        """The max and the tail above a floor, computed inside the graph (``calibration.probe``)."""
+        psites = [probe.ProbeSite(s.output, s.channels if self.per_channel and s.rank >= 2 else 1, s.rank)
+                  for s in sites]
+        tails = self.mode.kind != "max"
+        model_probe, outputs, floor_inputs = probe.build(model, psites, tails)
+        session = cpu_session(model_probe)
+        dtypes = {i.name: np.float16 if i.type == "tensor(float16)" else np.float64 if i.type == "tensor(double)"
+                  else np.float32 for i in session.get_inputs()}
+        hists, samples = self._tail_pass(session, outputs, floor_inputs, dtypes, inputs, sites, psites,
+                                         choose_floor=tails and _reiterable(self.data))
+        if self.mode.kind == "percentile" and not all(h.covers(self.mode.value / 100.0).all() for h in hists):
+            log.info("the calibration data put a percentile below the first batch's floor: second pass with floor 0")
+            hists, samples = self._tail_pass(session, outputs, floor_inputs, dtypes, inputs, sites, psites,
+                                             choose_floor=False)
+        return hists, samples
+
+    def _tail_pass(self, session, outputs, floor_inputs, dtypes, inputs, sites, psites, choose_floor: bool):
+        hists: list[TailHistogram | None] = [None] * len(sites)
+        floors = {name: np.zeros(p.channels, dtypes[name]) for name, p in zip(floor_inputs, psites)}
+        samples = 0
+        for feeds in self._batches(inputs):
+            samples += len(next(iter(feeds.values())))
+            values = dict(zip(outputs, self._run(session, outputs, {**feeds, **floors})))
+            for i, (site, ps) in enumerate(zip(sites, psites)):
+                batch_max = np.asarray(values[f"{ps.key}.max"], np.float64).reshape(-1)
+                tail = values.get(f"{ps.key}.tail", np.zeros(0, np.float32)).astype(np.float64)
+                channel = values.get(f"{ps.key}.channel")
+                per_channel = int(np.prod(values[f"{ps.key}.shape"])) // ps.channels
+                if hists[i] is None:
+                    floor = np.full(ps.channels, np.inf)
+                    if floor_inputs:
+                        floor = self._floor(tail, channel, per_channel, batch_max, ps.channels) if choose_floor \
+                            else np.zeros(ps.channels)
+                        floor = floor.astype(dtypes[floor_inputs[i]]).astype(np.float64)  # as the graph sees it
+                        floors[floor_inputs[i]] = floor.astype(dtypes[floor_inputs[i]])
+                        keep = tail > floor[channel if channel is not None else 0]
+                        tail, channel = tail[keep], None if channel is None else channel[keep]
+                    hists[i] = TailHistogram(floor, self.bins)
+                try:
+                    hists[i].update(tail, channel, per_channel, batch_max)
+                except ValueError as e:
+                    raise self._overflow(site, e) from e
+        return hists, samples
+
+    def _floor(self, tail, channel, per_channel: int, batch_max: np.ndarray, channels: int) -> np.ndarray:
+        """The first batch's floor per channel (see the module docstring); 0 where the tail is too thin."""
+        if self.mode.kind == "fraction":
+            return np.maximum(self.mode.value * batch_max, 0.0)
+        keep = int(np.ceil(FLOOR_TAIL * (1.0 - self.mode.value / 100.0) * per_channel))
+        floor = np.zeros(channels)
+        for c in range(channels):
+            values = tail if channel is None else tail[channel == c]
+            if keep < len(values):
+                floor[c] = np.partition(values, len(values) - keep - 1)[len(values) - keep - 1]
+        return floor
 
     def _scale(self, site: Site, hist: StreamingHistogram) -> dict:
         if self.mode.kind == "max":

@@ -4,8 +4,8 @@ Copying every activation out of onnxruntime and binning it in numpy took 14 time
 (the sample CNN over 60 000 images). For the modes that need only the max and the upper tail
 of the distribution (max, fractions of the max, percentiles) the probe computes per site:
 
-* ``max``: ReduceMax over every axis (per layer) or every axis but 1 (per channel), and the
-  activation's shape;
+* ``max``: ReduceMax over every axis (per layer) or every axis but 1 (per channel), the
+  activation's shape, and its sum (onnxruntime's ReduceMax skips NaN; the sum shows it);
 * with a ``floor`` input (one value per channel): the activations above it, flattened in row-major
   order (Compress), and per channel their channel index (row 1 of NonZero, the same order).
 
@@ -45,8 +45,10 @@ def _reduce_max(x: str, out: str, axes: list[int] | None, opset: int) -> tuple[l
 
 def build(model: onnx.ModelProto, sites: list[ProbeSite], tails: bool) -> tuple[onnx.ModelProto, list[str], list[str]]:
     """(probe model, its outputs in order, its floor inputs in order). Per site the outputs are
-    ``max``, ``shape`` (of the activation, to count its values) and, with ``tails``, ``tail`` and
-    (per channel) ``channel``; each floor input holds one float per channel."""
+    ``max``, ``shape`` (of the activation, to count its values), ``sum`` (finite unless an
+    activation is not) and, with ``tails``, ``tail`` and (per channel) ``channel``; each floor
+    input holds one float per channel of the activation's type. ``model`` needs inferred
+    value_info (element types)."""
     opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
     dtypes = {v.name: v.type.tensor_type.elem_type for v in
               list(model.graph.value_info) + list(model.graph.output) + list(model.graph.input)}
@@ -55,9 +57,11 @@ def build(model: onnx.ModelProto, sites: list[ProbeSite], tails: bool) -> tuple[
         k, y = site.key, site.output
         axes = None if site.channels == 1 else [0] + list(range(2, site.rank))
         reduce, extra = _reduce_max(y, f"{k}.max", axes, opset)
-        nodes += reduce + [helper.make_node("Shape", [y], [f"{k}.shape"])]
+        # onnxruntime's ReduceMax skips NaN; a sum does not (nor Inf)
+        nodes += reduce + [helper.make_node("Shape", [y], [f"{k}.shape"]),
+                           helper.make_node("ReduceSum", [y], [f"{k}.sum"], keepdims=0)]
         inits += extra
-        outputs += [f"{k}.max", f"{k}.shape"]
+        outputs += [f"{k}.max", f"{k}.shape", f"{k}.sum"]
         if not tails:
             continue
         elem = dtypes.get(y, TensorProto.FLOAT)

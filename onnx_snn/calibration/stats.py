@@ -140,13 +140,15 @@ class TailHistogram:
         self.below = np.zeros(self.channels, dtype=np.int64)
         self.n = 0  # values seen per channel
 
-    def update(self, values: np.ndarray, channel: np.ndarray | None, per_channel: int, batch_max: np.ndarray) -> None:
+    def update(self, values: np.ndarray, channel: np.ndarray | None, per_channel: int, batch_max: np.ndarray,
+               finite: bool = True) -> None:
         """One batch: ``values`` above the floor (any order) with their ``channel`` indices (None
-        for one channel), ``per_channel`` values seen per channel, and the exact ``batch_max``."""
+        for one channel), ``per_channel`` values seen per channel, the exact ``batch_max``, and
+        whether every activation of the batch was finite (a max can miss a NaN)."""
         values = np.asarray(values, dtype=np.float64).reshape(-1)
         channel = np.zeros(len(values), np.intp) if channel is None else np.asarray(channel, np.intp).reshape(-1)
         batch_max = np.asarray(batch_max, dtype=np.float64).reshape(-1)
-        if not np.isfinite(batch_max).all() or not np.isfinite(values).all():
+        if not finite or not np.isfinite(batch_max).all() or not np.isfinite(values).all():
             raise ValueError("activations contain Inf or NaN")
         self.max = np.maximum(self.max, batch_max)
         above = np.bincount(channel, minlength=self.channels)
@@ -170,18 +172,19 @@ class TailHistogram:
 
     def covers(self, q: float) -> np.ndarray:
         """Per channel: whether the q-quantile lies above the floor (else the floor was too high)."""
-        return (self.n == 0) | (self.below < np.ceil(q * self.n)) | (self.floor <= 0)
+        return (q >= 1.0) | (self.n == 0) | (self.below < np.ceil(q * self.n)) | (self.floor <= 0)
 
     def quantile(self, q: float) -> np.ndarray:
         """Per-channel inverted-CDF q-quantile, within one tail-bin width above the exact value.
-        A channel whose quantile is at or below a floor of 0 gets 0 (the values there are zeros)."""
+        Where the rank falls among the values at or below the floor (covered only for a floor of
+        0: zeros), the result is the upper edge of the lowest bin, as ``StreamingHistogram`` gives
+        for a quantile among zeros: positive for a channel that ever fired, never 0."""
         if q >= 1.0:
             return self.max.copy()
         rank = np.ceil(q * self.n) - self.below
         cum = np.cumsum(self.counts, axis=1)
-        b = np.argmax(cum >= rank[:, None], axis=1)
-        value = np.minimum(self.floor + (b + 1) * self.range / self.bins, self.max)
-        return np.where(rank <= 0, np.minimum(self.floor, self.max), value)
+        b = np.where(rank <= 0, 0, np.argmax(cum >= rank[:, None], axis=1))
+        return np.minimum(self.floor + (b + 1) * self.range / self.bins, self.max)
 
     def share_above(self, value: np.ndarray | float) -> np.ndarray:
         """Per-channel share of values strictly above ``value`` (>= the floor), bins interpolated."""

@@ -130,7 +130,9 @@ def make_function(onnx_opset: int, reset_modes=RESET_MODES) -> onnx.FunctionProt
     onnxruntime folds at load. A node whose reset_mode the body does not implement (any value
     but 0 and 1, or the other mode in a one-mode body) gets NaN potentials instead of silently
     running another reset: the threshold and ``v_reset`` become sqrt of a negative number, so
-    every potential is NaN; in the hard-reset-only body, each neuron from its first spike on.
+    every potential is NaN and the neuron stops firing; in the hard-reset-only body, each neuron
+    from its first spike on. The converter writes one body for all of a model's neurons, so
+    this only shows when a model is edited by hand.
     """
     if onnx_opset < MIN_ONNX_OPSET:
         raise ValueError(f"IFNeuron's body needs opset >= {MIN_ONNX_OPSET}, got {onnx_opset}")

@@ -61,12 +61,18 @@ class Site:
     channels: int | None = None  # static size of axis 1, if known
 
 
-def neuron_sites(model: onnx.ModelProto) -> list[Site]:
-    try:  # ranks and channel counts; a model from Canonicalize has them already
-        model = onnx.shape_inference.infer_shapes(model)
+def with_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` with inferred value_info (ranks, channel counts, element types); a model from
+    Canonicalize has them already."""
+    try:
+        return onnx.shape_inference.infer_shapes(model)
     except Exception as e:  # noqa: BLE001 - inference is a help here, not a requirement
         log.debug("shape inference failed (%s); sites of unknown shape use the dense statistics", e)
-    graph = import_graph(model)
+        return model
+
+
+def neuron_sites(model: onnx.ModelProto) -> list[Site]:
+    graph = import_graph(with_shapes(model))
     sites = []
     for node in graph.nodes:
         if node.op in NEURON_OPS:
@@ -105,15 +111,24 @@ class Calibrate(Pass):
             log.warning("the model has no ReLU or Clip: nothing to calibrate, the SNN has no neurons")
             _, samples = self._dense(model, inputs, sites)
             hists = []
-        elif self.mode.kind != "search" and all(s.rank is not None for s in sites) and (
+        elif self._tail_mode() and all(s.rank is not None for s in sites) and (
                 not self.per_channel or all(s.channels is not None or s.rank < 2 for s in sites)):
-            hists, samples = self._tails(model, inputs, sites)
+            hists, samples = self._tails(with_shapes(model), inputs, sites)
         else:
             hists, samples = self._dense(model, inputs, sites)
         layers = [self._scale(site, hist) for site, hist in zip(sites, hists)]
         record = {"mode": str(self.mode), "per_channel": self.per_channel, "samples": samples,
                   "layers": layers}
         return PassResult(with_metadata(model, METADATA_KEY, json.dumps(record)), True)
+
+    def _tail_mode(self) -> bool:
+        """Whether the probe pays: fractions, and percentiles whose first-batch tail
+        (FLOOR_TAIL * (1 - q)) is at most 5 % of the values. Measured on the sample CNN, 20 000
+        images, 2 cores (probe against dense): 0.2 x max 1.21 s / 3.60 s, 99.9 % 1.14 / 3.57,
+        but 99 % 4.03 / 3.65 and max 0.54 / 0.44 (the dense path needs no histogram for max)."""
+        if self.mode.kind == "percentile":
+            return FLOOR_TAIL * (1.0 - self.mode.value / 100.0) <= 0.05
+        return self.mode.kind == "fraction"
 
     def _batches(self, inputs):
         batches, count = iterate_batches(self.data, inputs, self.batch_size)
@@ -178,32 +193,43 @@ class Calibrate(Pass):
                 tail = values.get(f"{ps.key}.tail", np.zeros(0, np.float32)).astype(np.float64)
                 channel = values.get(f"{ps.key}.channel")
                 per_channel = int(np.prod(values[f"{ps.key}.shape"])) // ps.channels
+                finite = bool(np.isfinite(values[f"{ps.key}.sum"]))
                 if hists[i] is None:
                     floor = np.full(ps.channels, np.inf)
                     if floor_inputs:
                         floor = self._floor(tail, channel, per_channel, batch_max, ps.channels) if choose_floor \
                             else np.zeros(ps.channels)
-                        floor = floor.astype(dtypes[floor_inputs[i]]).astype(np.float64)  # as the graph sees it
+                        floor = self._as_type(floor, dtypes[floor_inputs[i]])
                         floors[floor_inputs[i]] = floor.astype(dtypes[floor_inputs[i]])
                         keep = tail > floor[channel if channel is not None else 0]
                         tail, channel = tail[keep], None if channel is None else channel[keep]
                     hists[i] = TailHistogram(floor, self.bins)
                 try:
-                    hists[i].update(tail, channel, per_channel, batch_max)
+                    hists[i].update(tail, channel, per_channel, batch_max, finite)
                 except ValueError as e:
                     raise self._overflow(site, e) from e
         return hists, samples
 
+    @staticmethod
+    def _as_type(floor: np.ndarray, dtype) -> np.ndarray:
+        """The floor as the graph compares it (rounded down to the activations' type), in float64."""
+        rounded = floor.astype(dtype)
+        rounded = np.where(rounded.astype(np.float64) > floor, np.nextafter(rounded, dtype(-np.inf)), rounded)
+        return np.maximum(rounded.astype(np.float64), 0.0)
+
     def _floor(self, tail, channel, per_channel: int, batch_max: np.ndarray, channels: int) -> np.ndarray:
-        """The first batch's floor per channel (see the module docstring); 0 where the tail is too thin."""
+        """The first batch's floor per channel (see the module docstring); 0 where the tail is too
+        thin. Just below the chosen value, so that values tied with it (a saturated Clip, a
+        constant layer, the max itself) are in the tail."""
         if self.mode.kind == "fraction":
             return np.maximum(self.mode.value * batch_max, 0.0)
         keep = int(np.ceil(FLOOR_TAIL * (1.0 - self.mode.value / 100.0) * per_channel))
         floor = np.zeros(channels)
         for c in range(channels):
             values = tail if channel is None else tail[channel == c]
-            if keep < len(values):
-                floor[c] = np.partition(values, len(values) - keep - 1)[len(values) - keep - 1]
+            if 0 < keep < len(values) or keep == 0 and len(values):
+                k = len(values) - max(keep, 1)
+                floor[c] = np.nextafter(np.partition(values, k)[k], -np.inf)
         return floor
 
     def _scale(self, site: Site, hist: StreamingHistogram) -> dict:

@@ -109,7 +109,10 @@ def _fold_matmul(graph, node, s, t) -> bool:
     if w is None or w.ndim != 2 or rank(mm.outputs[0]) != 2:
         return False  # BN's channel axis is the weight's column axis only for [N, F] outputs
     mm.inputs[1] = _new_const(graph, f"{mm.name}.weight_bn", w.astype(np.float64) * s[None, :], w.dtype)
-    b_new = _new_const(graph, f"{mm.name}.bias_bn", np.broadcast_to(bias.reshape(-1), s.shape) * s + t, w.dtype)
+    b_values = np.broadcast_to(bias.reshape(-1), s.shape) * s + t
+    if add is None and not b_values.any():
+        return True  # a pure scale (a neuron's input scale): no bias to add
+    b_new = _new_const(graph, f"{mm.name}.bias_bn", b_values, w.dtype)
     if add is not None:
         add.inputs[bias_index] = b_new
     else:

@@ -1,4 +1,5 @@
-"""``onnx-snn`` command line: ``convert`` (an ANN into a step model), ``run`` (simulate it), ``demo``."""
+"""``onnx-snn`` command line: ``convert`` (an ANN into a step model), ``run`` (simulate it),
+``serve`` (Triton through PyTriton), ``export-triton`` (a Triton model repository entry), ``demo``."""
 from __future__ import annotations
 
 import argparse
@@ -15,7 +16,7 @@ from .converter import Converter
 from .errors import DataError, OnnxSnnError, OptionError
 from .io import save
 from .passes.maxpool import STRATEGIES
-from onnx_snn_runtime.cli import add_parser as add_run_parser
+from onnx_snn_runtime.cli import add_parser as add_run_parser, add_serve_parser
 
 log = logging.getLogger("onnx_snn")
 
@@ -75,6 +76,15 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 DEMO_MODES = ("max", "99.9%", "1/2", "1/3", "1/4", "1/5")  # the seed tutorial's six modes
+
+
+def cmd_export_triton(args: argparse.Namespace) -> int:
+    from .triton_export import export_triton
+    path = export_triton(args.model, args.repo, name=args.name, max_batch_size=args.max_batch_size,
+                         max_idle_seconds=args.max_idle_seconds, gpu=args.gpu, force=args.force)
+    print(f"wrote {path}: config.pbtxt and 1/model.onnx for Triton's onnxruntime backend; serve with "
+          f"tritonserver --model-repository {Path(args.repo).resolve()}")
+    return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -156,6 +166,18 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("-q", "--quiet", action="store_true", help="no progress bar or table")
     c.set_defaults(func=cmd_convert)
     add_run_parser(sub)
+    add_serve_parser(sub)
+    e = sub.add_parser("export-triton", help="write a Triton model repository entry (onnxruntime backend, "
+                       "sequence batcher with implicit state) for a step model")
+    e.add_argument("model", help="step model (.snn.onnx)")
+    e.add_argument("--repo", required=True, help="model repository folder (must exist)")
+    e.add_argument("--name", default="snn", help="model name, the folder written in the repository (default snn)")
+    e.add_argument("--max-batch-size", type=int, default=16, help="sequences batched together (default 16)")
+    e.add_argument("--max-idle-seconds", type=float, default=60.0,
+                   help="a sequence idle this long is dropped by Triton (default 60)")
+    e.add_argument("--gpu", action="store_true", help="instance kind GPU (default CPU)")
+    e.add_argument("--force", action="store_true", help="replace an existing model folder")
+    e.set_defaults(func=cmd_export_triton)
     d = sub.add_parser("demo", help="convert the sample CNN with six modes, simulate, plot accuracy against t")
     d.add_argument("--T", type=int, default=50, help="timesteps (default 50)")
     d.add_argument("--images", type=int, default=2000, help="test images (default 2000)")

@@ -1,10 +1,18 @@
 #!/usr/bin/env bash
-# Create .venv and install onnx-snn with its torch and dev extras. Safe to re-run.
+# Create .venv and install onnx-snn with its torch, dev and serve extras. Safe to re-run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PYTHON=${PYTHON:-python3}
+# PyTriton's tritonserver (the serve extra) runs its Python backend through a stub built against
+# CPython 3.11 before 3.11.6; the standard library of 3.11.6 and later calls a lock method that
+# stub lacks (pytriton issue #51). Debian 12's python3 (3.11.2) matches it: prefer it if present.
+if [ -z "${PYTHON:-}" ]; then
+  PYTHON=python3
+  if [ -x /usr/bin/python3 ] && /usr/bin/python3 -c 'import sys, venv, ensurepip; v = sys.version_info; sys.exit(not (v[:2] == (3, 11) and v[2] < 6))' 2>/dev/null; then
+    PYTHON=/usr/bin/python3
+  fi
+fi
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
 # The CPU build of torch 2.13.0 (a plain `torch` would pull a CUDA build of several GB).
 .venv/bin/python -m pip install -q "torch==2.13.0"
-.venv/bin/python -m pip install -q -e ".[torch,dev]"
+.venv/bin/python -m pip install -q -e ".[torch,dev,serve]"

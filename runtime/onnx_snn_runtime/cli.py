@@ -1,7 +1,8 @@
-"""``run`` command: simulate a step model over a dataset, print accuracy against t and firing rates.
+"""``run`` (simulate a step model over a dataset, print accuracy against t and firing rates)
+and ``serve`` (Triton Inference Server through PyTriton) commands.
 
-Used by ``onnx-snn run`` and runnable alone as ``python -m onnx_snn_runtime run ...`` where only
-the runtime is installed.
+Used by ``onnx-snn run|serve`` and runnable alone as ``python -m onnx_snn_runtime run|serve ...``
+where only the runtime is installed.
 """
 from __future__ import annotations
 
@@ -64,6 +65,33 @@ def add_parser(sub) -> None:
     r.set_defaults(func=cmd_run)
 
 
+def add_serve_parser(sub) -> None:
+    s = sub.add_parser("serve", help="serve a step model through Triton Inference Server (PyTriton), "
+                       "HTTP and gRPC; needs the serve extra")
+    s.add_argument("model", help="SNN step model (.snn.onnx)")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
+    s.add_argument("--http-port", type=int, default=8000)
+    s.add_argument("--grpc-port", type=int, default=8001)
+    s.add_argument("--metrics-port", type=int, default=8002)
+    s.add_argument("--name", default="snn", help="model name: NAME (whole inference) and NAME_stream")
+    s.add_argument("--provider", default="cpu", help="cpu or cuda (default cpu)")
+    s.add_argument("--max-sequences", type=int, default=64, help="live streaming sequences at most (default 64)")
+    s.add_argument("--idle-timeout", type=float, default=60.0,
+                   help="seconds after which an idle streaming sequence is dropped (default 60)")
+    s.add_argument("--max-T", type=int, default=1000, help="largest T of a whole-inference request (default 1000)")
+    s.set_defaults(func=cmd_serve)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .serve import serve
+    print(f"serving {args.model} as '{args.name}' and '{args.name}_stream' on {args.host}: "
+          f"HTTP {args.http_port}, gRPC {args.grpc_port} (Ctrl-C stops)", flush=True)
+    serve(args.model, host=args.host, http_port=args.http_port, grpc_port=args.grpc_port,
+          metrics_port=args.metrics_port, name=args.name, provider=args.provider,
+          max_sequences=args.max_sequences, idle_timeout=args.idle_timeout, max_T=args.max_T)
+    return 0
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     sim = Simulator(args.model, args.provider, cuda_graph=False if args.no_cuda_graph else "auto")
     T = args.T if args.T is not None else int(sim.spec.converter.get("target_T") or 50)
@@ -81,7 +109,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="onnx_snn_runtime")
-    add_parser(parser.add_subparsers(dest="command", required=True))
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_parser(sub)
+    add_serve_parser(sub)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     try:

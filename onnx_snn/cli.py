@@ -1,5 +1,5 @@
 """``onnx-snn`` command line: ``convert`` (an ANN into a step model), ``run`` (simulate it),
-``serve`` (Triton through PyTriton), ``export-triton`` (a Triton model repository entry), ``demo``."""
+``inspect``, ``plot``, ``serve`` (Triton through PyTriton), ``export-triton`` (a Triton model repository entry), ``demo``."""
 from __future__ import annotations
 
 import argparse
@@ -76,6 +76,43 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 DEMO_MODES = ("max", "99.9%", "1/2", "1/3", "1/4", "1/5")  # the seed tutorial's six modes
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from . import plots
+    if args.figure == "neuron":
+        out = args.output or "if_neuron.png"
+        c = plots.plot_if_neuron(out, T=args.T or 128, v_init=args.v_init)
+        err = np.abs(c.rates - c.relu).max()
+        print(f"wrote {out}: IF neuron against ReLU over T={args.T or 128} (largest gap between rate and clipped "
+              f"ReLU {err:.4f}, at most 1/T = {1 / (args.T or 128):.4f})")
+        return 0
+    if not args.model:
+        raise OptionError(f"`onnx-snn plot {args.figure}` needs a step model: onnx-snn plot {args.figure} MODEL")
+    from onnx_snn_runtime import Simulator
+    from onnx_snn_runtime.cli import plot_accuracy
+    sim = Simulator(args.model, args.provider)
+    T = args.T or int(sim.spec.converter.get("target_T") or 50)
+    ev = sim.evaluate(args.data, T, batch_size=args.batch_size, limit=args.limit, progress=not args.quiet)
+    out = args.output or ("firing_rates.png" if args.figure == "firing" else "accuracy.png")
+    if args.figure == "firing":
+        names = {st.input: f"{st.input} {st.layer}" for st in sim.spec.states}
+        rates = {names.get(k, k): v for k, v in ev.firing_rates.items()}
+        means = plots.plot_firing_rates(rates, out, f"{Path(args.model).name}, T={T}, {ev.samples} samples")
+        print("\n".join(f"  {layer:12s} {rate:.4f} spikes/neuron/step" for layer, rate in means.items()))
+    else:
+        plot_accuracy({"SNN": ev.accuracy}, out, f"{Path(args.model).name} (T={T})")
+        print(f"accuracy at t={T}: {ev.accuracy[-1]:.4f}")
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    import json as _json
+    from .inspect import format_report, inspect
+    report = inspect(args.model)
+    print(_json.dumps(report, indent=2, default=str) if args.json else format_report(report))
+    return 0
 
 
 def cmd_export_triton(args: argparse.Namespace) -> int:
@@ -167,6 +204,23 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(func=cmd_convert)
     add_run_parser(sub)
     add_serve_parser(sub)
+    p = sub.add_parser("plot", help="figures: an IF neuron against ReLU, a model's per-layer firing rates, "
+                       "or its accuracy against t")
+    p.add_argument("figure", choices=("neuron", "firing", "accuracy"))
+    p.add_argument("model", nargs="?", help="step model (for firing and accuracy)")
+    p.add_argument("-o", "--output", help="PNG to write (default: if_neuron.png, firing_rates.png, accuracy.png)")
+    p.add_argument("--T", type=int, default=None, help="timesteps (default: 128 for neuron; the model's target T, else 50)")
+    p.add_argument("--v-init", type=float, default=0.0, help="neuron: initial potential in thresholds (default 0)")
+    p.add_argument("--data", default="fashion-mnist", help="dataset, as for `run` (default fashion-mnist)")
+    p.add_argument("--limit", type=int, default=1000, help="samples (default 1000)")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--provider", default=None, help="cpu or cuda")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_plot)
+    i = sub.add_parser("inspect", help="what the converter will do to an ANN, or what a step model holds")
+    i.add_argument("model", help="an ANN (.onnx) or a step model (.snn.onnx)")
+    i.add_argument("--json", action="store_true", help="print the report as JSON")
+    i.set_defaults(func=cmd_inspect)
     e = sub.add_parser("export-triton", help="write a Triton model repository entry (onnxruntime backend, "
                        "sequence batcher with implicit state) for a step model")
     e.add_argument("model", help="step model (.snn.onnx)")

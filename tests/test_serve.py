@@ -29,7 +29,7 @@ else:
     httpclient = pytest.importorskip("tritonclient.http")
 
 MAX_SEQUENCES, IDLE = 4, 4.0
-TYPES = {np.float32: "FP32", np.int32: "INT32", np.uint64: "UINT64", np.bool_: "BOOL"}
+TYPES = {np.float32: "FP32", np.float64: "FP64", np.int32: "INT32", np.uint64: "UINT64", np.bool_: "BOOL"}
 
 
 def free_ports(n):
@@ -148,6 +148,10 @@ def test_start_on_a_live_sequence_restarts_it(server, bundled):
 @pytest.mark.parametrize("protocol", ["http", "grpc"])
 @pytest.mark.parametrize("case,match", [
     ("wrong_shape", "shape"),
+    ("wrong_dtype", "data-type is 'FP64'"),
+    ("missing_T", "missing required input"),
+    ("T_two_values", "unexpected shape for input 'T'"),
+    ("unknown_model", "not found"),
     ("T_zero", "out of range"),
     ("T_too_big", "out of range"),
     ("unknown_sequence", "unknown or expired"),
@@ -158,6 +162,14 @@ def test_bad_requests_get_clear_errors_and_the_server_goes_on(server, bundled, p
     with pytest.raises(Exception, match=match):
         if case == "wrong_shape":
             infer(c, "snn", protocol, x=x[:, :, :20], T=np.array([3], np.int32))
+        elif case == "wrong_dtype":
+            infer(c, "snn", protocol, x=x.astype(np.float64), T=np.array([3], np.int32))
+        elif case == "missing_T":
+            infer(c, "snn", protocol, x=x)
+        elif case == "T_two_values":
+            infer(c, "snn", protocol, x=x, T=np.array([3, 4], np.int32))
+        elif case == "unknown_model":
+            infer(c, "no_such_model", protocol, x=x, T=np.array([3], np.int32))
         elif case == "T_zero":
             infer(c, "snn", protocol, x=x, T=np.array([0], np.int32))
         elif case == "T_too_big":

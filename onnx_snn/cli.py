@@ -80,12 +80,15 @@ DEMO_MODES = ("max", "99.9%", "1/2", "1/3", "1/4", "1/5")  # the seed tutorial's
 
 def cmd_plot(args: argparse.Namespace) -> int:
     from . import plots
+    if args.T is not None and args.T <= 0:
+        raise OptionError(f"--T {args.T}: the number of timesteps must be a positive integer")
     if args.figure == "neuron":
         out = args.output or "if_neuron.png"
-        c = plots.plot_if_neuron(out, T=args.T or 128, v_init=args.v_init)
+        T = args.T or 128
+        c = plots.plot_if_neuron(out, T=T, v_init=args.v_init)
         err = np.abs(c.rates - c.relu).max()
-        print(f"wrote {out}: IF neuron against ReLU over T={args.T or 128} (largest gap between rate and clipped "
-              f"ReLU {err:.4f}, at most 1/T = {1 / (args.T or 128):.4f})")
+        print(f"wrote {out}: IF neuron against ReLU over T={T} (largest gap between rate and clipped "
+              f"ReLU {err:.4f}, at most 1/T = {1 / T:.4f})")
         return 0
     if not args.model:
         raise OptionError(f"`onnx-snn plot {args.figure}` needs a step model: onnx-snn plot {args.figure} MODEL")

@@ -24,6 +24,7 @@ from .io import load
 from .ops import if_neuron
 from .passes.canonicalize import Canonicalize
 from .passes.fold_batchnorm import FoldBatchNorm
+from .passes.output_softmax import DropOutputSoftmax
 from .support import NEURON_OPS, activation_tensors, check_node
 
 
@@ -41,7 +42,8 @@ def is_step_model(model: onnx.ModelProto) -> bool:
 
 def inspect_ann(model: onnx.ModelProto) -> dict:
     """{ops, neurons, batchnorms, unsupported} for an ANN, after the converter's canonicalization."""
-    canonical = Canonicalize()(model).model
+    # the converter's own first passes: a Softmax at an output is dropped, not refused
+    canonical = DropOutputSoftmax()(Canonicalize()(model).model).model
     graph = import_graph(canonical)
     graph.toposort()
     carrying = activation_tensors(graph)
@@ -52,9 +54,10 @@ def inspect_ann(model: onnx.ModelProto) -> dict:
                 check_node(node, carrying)
             except UnsupportedOpError as e:
                 unsupported.append({"node": node.name, "op": node.op, "why": str(e).split(". Supported ops")[0]})
+    refused = {u["node"] for u in unsupported}
     neurons = [{"node": n.name, "op": n.op, "output": n.outputs[0].name,
                 "shape": None if n.outputs[0].shape is None else list(n.outputs[0].shape)}
-               for n in graph.nodes if n.op in NEURON_OPS]
+               for n in graph.nodes if n.op in NEURON_OPS and n.name not in refused]
     batchnorms = []
     bns = [n for n in graph.nodes if n.op == "BatchNormalization"]
     if bns:

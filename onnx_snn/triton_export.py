@@ -16,7 +16,10 @@ Layout written::
 
     REPO/NAME/config.pbtxt
     REPO/NAME/1/model.onnx
-    REPO/NAME/1/initial_state/<state>.bin   (raw little-endian data, for non-zero initial states)
+    REPO/NAME/initial_state/<state>.bin     (raw little-endian data, for non-zero initial states)
+
+Triton looks for ``data_file`` in the ``initial_state`` folder beside ``config.pbtxt``. Its
+sequence batcher sends the model one sequence per batch slot: each request carries batch 1.
 """
 from __future__ import annotations
 
@@ -87,8 +90,9 @@ def triton_model(step: onnx.ModelProto) -> tuple[onnx.ModelProto, list[TritonSta
     model.metadata_props.extend(step.metadata_props)
     inputs = {i.name: i for i in g.input}
     outputs = {o.name: o for o in g.output}
-    first_dtype = _elem(inputs[spec.states[0].input])
-    g.input.append(helper.make_tensor_value_info(START, first_dtype, ["N", 1]))
+    # START is float whatever the model's type: the config declares fp32_false_true, and the
+    # onnxruntime backend checks that the model's input has the declared type
+    g.input.append(helper.make_tensor_value_info(START, TensorProto.FLOAT, ["N", 1]))
     start_bool = "snn.start.bool"
     new_nodes = [helper.make_node("Cast", [START], [start_bool], to=TensorProto.BOOL, name="snn.start.cast")]
     states: list[TritonState] = []
@@ -151,10 +155,9 @@ def config_text(name: str, model: onnx.ModelProto, states: list[TritonState], sp
     outs = [vi for vi in model.graph.output if vi.name not in hidden]
     lines.append("input [\n" + ",\n".join(tensor(vi) for vi in ins) + "\n]")
     lines.append("output [\n" + ",\n".join(tensor(vi) for vi in outs) + "\n]")
-    start_type = "fp32_false_true" if states[0].dtype in ("TYPE_FP32", "TYPE_FP16", "TYPE_FP64") else "int32_false_true"
     seq = ["sequence_batching {", f"  max_sequence_idle_microseconds: {max_idle_us}",
            "  control_input [", "    {", f'      name: "{START}"', "      control [", "        {",
-           "          kind: CONTROL_SEQUENCE_START", f"          {start_type}: [ 0, 1 ]", "        }", "      ]",
+           "          kind: CONTROL_SEQUENCE_START", "          fp32_false_true: [ 0, 1 ]", "        }", "      ]",
            "    }", "  ]", "  state ["]
     for i, s in enumerate(states):
         init = ("          zero_data: true" if s.init is None else
@@ -176,7 +179,7 @@ def _state_file(s: TritonState) -> str:
 
 def export_triton(step_model, repo: str | os.PathLike, *, name: str = "snn", max_batch_size: int = 16,
                   max_idle_seconds: float = 60.0, gpu: bool = False, force: bool = False) -> Path:
-    """Write ``repo/name/`` (config.pbtxt, 1/model.onnx, 1/initial_state/) and return its path.
+    """Write ``repo/name/`` (config.pbtxt, 1/model.onnx, initial_state/) and return its path.
     The folder is written in a temporary sibling and renamed, so a failure leaves nothing."""
     if not name or any(c in name for c in "/\\") or name.startswith("."):
         raise OptionError(f"model name {name!r}: give a plain folder name")
@@ -196,12 +199,13 @@ def export_triton(step_model, repo: str | os.PathLike, *, name: str = "snn", max
                        max_idle_us=int(max_idle_seconds * 1e6), kind="KIND_GPU" if gpu else "KIND_CPU")
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=repo))
     try:
-        version = tmp / "1"
-        (version / "initial_state").mkdir(parents=True)
-        onnx.save(model, version / "model.onnx")
+        (tmp / "1").mkdir()
+        onnx.save(model, tmp / "1" / "model.onnx")
+        if any(s.init is not None for s in states):
+            (tmp / "initial_state").mkdir()
         for s in states:
             if s.init is not None:
-                (version / "initial_state" / _state_file(s)).write_bytes(np.ascontiguousarray(s.init).tobytes())
+                (tmp / "initial_state" / _state_file(s)).write_bytes(np.ascontiguousarray(s.init).tobytes())
         (tmp / "config.pbtxt").write_text(text)
         if target.exists():
             shutil.rmtree(target)

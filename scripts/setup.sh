@@ -5,13 +5,18 @@ cd "$(dirname "$0")/.."
 # PyTriton's tritonserver (the serve extra) runs its Python backend through a stub built against
 # CPython 3.11 before 3.11.6; the standard library of 3.11.6 and later calls a lock method that
 # stub lacks (pytriton issue #51). Debian 12's python3 (3.11.2) matches it: prefer it if present.
+servable='import sys; v = sys.version_info; sys.exit(v[:2] == (3, 11) and v[2] >= 6)'
 if [ -z "${PYTHON:-}" ]; then
   PYTHON=python3
-  if [ -x /usr/bin/python3 ] && /usr/bin/python3 -c 'import sys, venv, ensurepip; v = sys.version_info; sys.exit(not (v[:2] == (3, 11) and v[2] < 6))' 2>/dev/null; then
+  if [ -x /usr/bin/python3 ] && /usr/bin/python3 -c 'import venv, ensurepip' 2>/dev/null \
+      && /usr/bin/python3 -c 'import sys; v = sys.version_info; sys.exit(not (v[:2] == (3, 11) and v[2] < 6))'; then
     PYTHON=/usr/bin/python3
   fi
 fi
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+.venv/bin/python -c "$servable" || echo "setup.sh: note: .venv's Python is 3.11.6 or newer, on which" \
+  "'onnx-snn serve' cannot start PyTriton's server; rm -rf .venv and re-run with a Python <= 3.11.5" \
+  "(Debian 12: apt-get install python3-venv) to serve" >&2
 .venv/bin/python -m pip install -q --upgrade pip
 # The CPU build of torch 2.13.0 (a plain `torch` would pull a CUDA build of several GB).
 .venv/bin/python -m pip install -q "torch==2.13.0"

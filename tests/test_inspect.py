@@ -59,3 +59,15 @@ def test_step_model_report_has_every_layer_with_scale_threshold_shape_and_init(b
 def test_inspect_a_missing_file_is_a_clear_error(tmp_path, capsys):
     assert main(["inspect", str(tmp_path / "nope.onnx")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_output_softmax_is_dropped_not_refused_and_refused_clips_are_not_neurons(tmp_path):
+    b = GraphBuilder(seed=3)
+    h = b.op("Relu", [b.op("Conv", ["x", b.rand(2, 1, 3, 3)])])
+    odd = b.op("Clip", [h, b.const(np.array(-1.0, np.float32)), b.const(np.array(1.0, np.float32))])
+    y = b.op("Softmax", [b.op("Gemm", [b.op("Flatten", [odd]), b.rand(2 * 4 * 4, 3)])], axis=1)
+    path = tmp_path / "softmax.onnx"
+    path.write_bytes(b.model({"x": ["N", 1, 6, 6]}, [y]).SerializeToString())
+    report = inspect(path)
+    assert [u["op"] for u in report["unsupported"]] == ["Clip"]  # min -1: refused; the Softmax is dropped
+    assert [n["op"] for n in report["neurons"]] == ["Relu"]

@@ -28,7 +28,7 @@ else:
     grpcclient = pytest.importorskip("tritonclient.grpc")
     httpclient = pytest.importorskip("tritonclient.http")
 
-MAX_SEQUENCES, IDLE = 4, 4.0
+MAX_SEQUENCES, IDLE, MAX_BATCH = 4, 4.0, 16
 TYPES = {np.float32: "FP32", np.float64: "FP64", np.int32: "INT32", np.uint64: "UINT64", np.bool_: "BOOL"}
 
 
@@ -50,7 +50,8 @@ def server(bundled, tmp_path_factory):
     log = open(tmp_path_factory.mktemp("log") / "server.log", "w+")
     proc = subprocess.Popen([sys.executable, "-m", "onnx_snn", "serve", str(model), "--http-port", str(http_port),
                              "--grpc-port", str(grpc_port), "--metrics-port", str(metrics_port),
-                             "--max-sequences", str(MAX_SEQUENCES), "--idle-timeout", str(IDLE), "--max-T", "200"],
+                             "--max-sequences", str(MAX_SEQUENCES), "--idle-timeout", str(IDLE), "--max-T", "200",
+                             "--max-batch", str(MAX_BATCH)],
                             stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True)
     http = httpclient.InferenceServerClient(f"127.0.0.1:{http_port}")
     deadline = time.monotonic() + 120
@@ -156,6 +157,11 @@ def test_start_on_a_live_sequence_restarts_it(server, bundled):
     ("T_too_big", "out of range"),
     ("unknown_sequence", "unknown or expired"),
     ("batch_change", "started with a batch of 2"),
+    ("batch_too_big", "over this server's limit of 16"),
+    ("stream_batch_too_big", "over this server's limit of 16"),
+    # PyTriton's own serialization refuses an empty tensor before onnx-snn's code sees it (its
+    # message, not ours); what matters is that the server goes on serving
+    ("empty_batch", "zeros in shape"),
 ])
 def test_bad_requests_get_clear_errors_and_the_server_goes_on(server, bundled, protocol, case, match):
     c, x = client(server, protocol), bundled[2][:2]
@@ -176,6 +182,12 @@ def test_bad_requests_get_clear_errors_and_the_server_goes_on(server, bundled, p
             infer(c, "snn", protocol, x=x, T=np.array([10_000], np.int32))
         elif case == "unknown_sequence":
             stream(c, protocol, 987654321, x)
+        elif case == "batch_too_big":
+            infer(c, "snn", protocol, x=np.repeat(x, 9, axis=0), T=np.array([2], np.int32))
+        elif case == "stream_batch_too_big":
+            stream(c, protocol, 401, np.repeat(x, 9, axis=0), start=True)
+        elif case == "empty_batch":
+            stream(c, protocol, 402, x[:0], start=True)
         elif case == "batch_change":
             stream(c, protocol, 400, x, start=True)
             try:
@@ -193,6 +205,7 @@ def test_live_sequences_are_bounded_and_idle_ones_expire(server, bundled):
         stream(c, "http", sid, x, start=True)
     with pytest.raises(Exception, match="too many live sequences"):
         stream(c, "http", 999, x, start=True)
+    stream(c, "http", 997, x, start=True, end=True)  # a one-step sequence is never kept: allowed when full
     stream(c, "http", ids[0], x, end=True)  # ending one frees a place
     stream(c, "http", 999, x, start=True)
     time.sleep(IDLE + 1.0)

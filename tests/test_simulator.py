@@ -239,3 +239,25 @@ def test_a_cpu_batch_larger_than_a_slice_gives_what_single_slices_give(small_net
         np.testing.assert_array_equal(counts[layer], whole_counts[layer])
     expected, _ = numpy_snn(xs, weights, lams, 12)
     np.testing.assert_array_equal(out, expected)
+
+
+def test_a_failed_allocation_does_not_pin_the_batch_size(sample_snn, bundled, monkeypatch):
+    """If the state buffers cannot be allocated (out of memory), the next run allocates afresh
+    instead of padding every later batch to the failed size."""
+    from onnx_snn_runtime import engine
+    sim = Simulator(sample_snn, "cpu")
+    real = engine.Engine._ortvalue
+    calls = {"n": 0}
+
+    def failing(self, array):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise MemoryError("simulated out of memory")
+        return real(self, array)
+
+    monkeypatch.setattr(engine.Engine, "_ortvalue", failing)
+    with pytest.raises(MemoryError):
+        sim.run(bundled[2][:8], 2)
+    assert sim._engine.batch is None
+    out = sim.run(bundled[2][:3], 2)
+    assert out.shape == (2, 3, 10)

@@ -46,18 +46,23 @@ def test_config_has_every_state_pair_with_shape_type_and_initial_value(half_init
         assert len(entry.initial_state) == 1
         init = entry.initial_state[0]
         assert list(init.dims) == list(entry.dims)
-        stored = np.fromfile(path / "1" / "initial_state" / init.data_file, dtype=s.dtype).reshape(entry.dims)
+        # Triton reads data_file from initial_state/ beside config.pbtxt, not from the version folder
+        stored = np.fromfile(path / "initial_state" / init.data_file, dtype=s.dtype).reshape(entry.dims)
         np.testing.assert_array_equal(stored, np.broadcast_to(np.asarray(s.init, s.dtype), stored.shape))
     acc = states["snn.acc.logits"]
     assert acc.output_name == "logits.sum" and acc.initial_state[0].zero_data
     control = config.sequence_batching.control_input[0]
     assert control.name == START and control.control[0].kind == control.control[0].CONTROL_SEQUENCE_START
+    assert list(control.control[0].fp32_false_true) == [0, 1]
     assert [i.name for i in config.input] == ["input"] and list(config.input[0].dims) == [1, 28, 28]
     assert [o.name for o in config.output] == ["logits", "logits.sum"]
     # every config tensor exists in the model with the same dims
     model = onnx.load(path / "1" / "model.onnx")
-    graph_inputs = {i.name for i in model.graph.input}
-    assert set(states) | {START, "input"} == graph_inputs
+    graph_inputs = {i.name: i for i in model.graph.input}
+    assert set(states) | {START, "input"} == set(graph_inputs)
+    assert graph_inputs[START].type.tensor_type.elem_type == onnx.TensorProto.FLOAT  # as fp32_false_true says
+    assert sorted(p.name for p in path.iterdir()) == ["1", "config.pbtxt", "initial_state"]
+
 
 
 def test_exported_model_driven_like_triton_equals_the_simulator(half_init_snn, bundled, tmp_path):

@@ -79,6 +79,8 @@ def add_serve_parser(sub) -> None:
     s.add_argument("--idle-timeout", type=float, default=60.0,
                    help="seconds after which an idle streaming sequence is dropped (default 60)")
     s.add_argument("--max-T", type=int, default=1000, help="largest T of a whole-inference request (default 1000)")
+    s.add_argument("--max-batch", type=int, default=256,
+                   help="largest batch of one request (default 256); with --max-sequences it bounds memory")
     s.set_defaults(func=cmd_serve)
 
 
@@ -88,7 +90,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
           f"HTTP {args.http_port}, gRPC {args.grpc_port} (Ctrl-C stops)", flush=True)
     serve(args.model, host=args.host, http_port=args.http_port, grpc_port=args.grpc_port,
           metrics_port=args.metrics_port, name=args.name, provider=args.provider,
-          max_sequences=args.max_sequences, idle_timeout=args.idle_timeout, max_T=args.max_T)
+          max_sequences=args.max_sequences, idle_timeout=args.idle_timeout, max_T=args.max_T,
+          max_batch=args.max_batch)
     return 0
 
 

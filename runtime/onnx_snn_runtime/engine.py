@@ -76,7 +76,7 @@ class Engine:
         return ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), self.device, self.device_id)
 
     def _allocate(self, batch: int) -> None:
-        self.batch = batch
+        self.batch = None  # set once every buffer exists: a failed allocation must not pin a size
         self._buffers = {s.input: [self._ortvalue(s.initial(batch)), self._ortvalue(s.initial(batch))]
                          for s in self.plan.states}
         types = {o.name: o.type for o in self.body.get_outputs()}
@@ -91,6 +91,7 @@ class Engine:
             for ro in self._run_options:
                 ro.add_run_config_entry("gpu_graph_id", str(next(_graph_ids)))
         self._bound = False
+        self.batch = batch
 
     def _bind(self) -> None:
         host_outputs = [o for o in self.plan.outputs if o not in self.plan.accumulators]

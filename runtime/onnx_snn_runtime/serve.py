@@ -11,7 +11,9 @@ Two Triton models, on HTTP and gRPC (loopback by default):
   [N, ...]), ``predictions`` ([N]) and ``step`` (the t just computed, int64 [1]). The server keeps
   each live sequence's states (``SequenceStore``): at most ``max_sequences`` at once, dropped
   after ``idle_timeout`` seconds without a request, on ``end`` (after that step), or restarted
-  by ``start`` on a live id. A sequence never sees another's state.
+  by ``start`` on a live id. A sequence never sees another's state. Every request's batch is at
+  most ``max_batch`` samples, so the states held are bounded by max_sequences x max_batch
+  samples, and a whole-inference answer by max_T x max_batch.
 
 Errors a client can cause (wrong shape or type, T out of range, an unknown or expired sequence,
 too many live sequences) come back as inference errors that say what to do; the server goes on
@@ -60,9 +62,11 @@ class SequenceStore:
     """
 
     def __init__(self, model: bytes, provider: str = "CPUExecutionProvider", *, max_sequences: int = 64,
-                 idle_timeout: float = 60.0, clock=time.monotonic):
-        if isinstance(max_sequences, bool) or not isinstance(max_sequences, int) or max_sequences < 1:
-            raise OnnxSnnError(f"max_sequences={max_sequences!r} must be a positive integer")
+                 idle_timeout: float = 60.0, max_batch: int = 256, clock=time.monotonic):
+        for name, value in (("max_sequences", max_sequences), ("max_batch", max_batch)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise OnnxSnnError(f"{name}={value!r} must be a positive integer")
+        self.max_batch = max_batch
         if not idle_timeout > 0:
             raise OnnxSnnError(f"idle_timeout={idle_timeout!r} must be positive (seconds)")
         self.session = prov.session(model, provider)
@@ -87,7 +91,7 @@ class SequenceStore:
     def step(self, sequence_id: int, x: np.ndarray, *, start: bool = False, end: bool = False) -> tuple[np.ndarray, int]:
         """One timestep of sequence ``sequence_id``: (first output summed since its start, t)."""
         name, shape, dtype = self.inputs[0]
-        feeds = {name: prepare(x, shape, dtype, name)}
+        feeds = {name: check_batch(prepare(x, shape, dtype, name), self.max_batch)}
         n = len(feeds[name])
         now = self.clock()
         with self._lock:
@@ -98,8 +102,9 @@ class SequenceStore:
             if seq is None and not start:
                 raise ServeError(f"sequence {sequence_id} is unknown or expired (idle > {self.idle_timeout:g} s); "
                                  "send start=true to begin it")
+            created = seq is None
             if seq is None or start:
-                if seq is None and len(self._live) >= self.max_sequences:
+                if seq is None and not end and len(self._live) >= self.max_sequences:
                     raise ServeError(f"too many live sequences ({self.max_sequences}); end some (end=true) "
                                      f"or wait {self.idle_timeout:g} s for idle ones to expire")
                 seq = _Sequence({s.input: s.initial(n) for s in self.spec.states}, None, n)
@@ -114,6 +119,8 @@ class SequenceStore:
         except Exception as e:  # noqa: BLE001 - onnxruntime's own checks
             with self._lock:
                 self._busy.discard(sequence_id)
+                if created or end:  # a sequence that failed at its start, or was to end, is gone
+                    self._live.pop(sequence_id, None)
             raise ServeError(f"the model refused the input: {e}") from e
         with self._lock:
             seq.states = {s.input: v for s, v in zip(self.spec.states, values[1:])}
@@ -124,6 +131,16 @@ class SequenceStore:
             if end:
                 self._live.pop(sequence_id, None)
             return seq.sums.copy(), seq.t
+
+
+def check_batch(x: np.ndarray, max_batch: int) -> np.ndarray:
+    """Refuse an empty batch and one past the server's limit (which bounds its memory)."""
+    if len(x) == 0:
+        raise ServeError("input 'x' holds no samples; send a batch of at least one")
+    if len(x) > max_batch:
+        raise ServeError(f"a batch of {len(x)} samples is over this server's limit of {max_batch}; "
+                         "split it into several requests (or start the server with a larger --max-batch)")
+    return x
 
 
 def _scalar(requests_input, name: str, default=None, kind=None):
@@ -141,10 +158,13 @@ class SNNServer:
     """The two inference callables and their Triton bindings (PyTriton)."""
 
     def __init__(self, model: str | bytes, *, name: str = "snn", provider=None, max_sequences: int = 64,
-                 idle_timeout: float = 60.0, max_T: int = 1000):
-        self.simulator = Simulator(model, provider)
+                 idle_timeout: float = 60.0, max_T: int = 1000, max_batch: int = 256):
+        # no CUDA graphs: a captured graph keeps its batch size, and requests vary in size
+        self.simulator = Simulator(model, provider, cuda_graph=False)
         data = model if isinstance(model, (bytes, bytearray)) else open(model, "rb").read()
-        self.store = SequenceStore(data, self.simulator.provider, max_sequences=max_sequences, idle_timeout=idle_timeout)
+        self.store = SequenceStore(data, self.simulator.provider, max_sequences=max_sequences,
+                                   idle_timeout=idle_timeout, max_batch=max_batch)
+        self.max_batch = max_batch
         self.name, self.max_T = name, check_T(max_T)
         self._whole_lock = threading.Lock()
         input_name, shape, _ = self.simulator.inputs[0]
@@ -153,7 +173,7 @@ class SNNServer:
     def whole(self, requests):
         responses = []
         for request in requests:
-            x = request.data["x"]
+            x = check_batch(np.asarray(request.data["x"]), self.max_batch)
             T = _scalar(request.data.get("T"), "T", kind=int)
             if not 0 < T <= self.max_T:
                 raise ServeError(f"T={T} is out of range; this server simulates 1 to {self.max_T} timesteps")
@@ -216,7 +236,7 @@ def check_python(version=None) -> None:
 
 def serve(model, *, host: str = "127.0.0.1", http_port: int = 8000, grpc_port: int = 8001,
           metrics_port: int = 8002, name: str = "snn", provider=None, max_sequences: int = 64,
-          idle_timeout: float = 60.0, max_T: int = 1000, block: bool = True):
+          idle_timeout: float = 60.0, max_T: int = 1000, max_batch: int = 256, block: bool = True):
     """Start Triton with the two models. ``block=True`` serves until interrupted; else returns
     the running ``pytriton.triton.Triton`` (call ``.stop()``)."""
     check_python()
@@ -226,7 +246,7 @@ def serve(model, *, host: str = "127.0.0.1", http_port: int = 8000, grpc_port: i
         raise OnnxSnnError("serving needs PyTriton: pip install 'onnx-snn[serve]' "
                            "(see the serving guide, docs/serving.md)") from e
     server = SNNServer(model, name=name, provider=provider, max_sequences=max_sequences,
-                       idle_timeout=idle_timeout, max_T=max_T)
+                       idle_timeout=idle_timeout, max_T=max_T, max_batch=max_batch)
     config = TritonConfig(http_address=host, http_port=http_port, grpc_address=host, grpc_port=grpc_port,
                           metrics_port=metrics_port, exit_timeout_secs=2, log_verbose=0)
     triton = Triton(config=config)

@@ -1,12 +1,16 @@
 """Errors the converter raises on purpose. Each message names the node, op or value and says what to do."""
 from onnx_snn_runtime.errors import DataError, OnnxSnnError
 
-__all__ = ["OnnxSnnError", "DataError", "ModelLoadError", "UnsupportedOpError", "OptionError",
-           "CalibrationError", "PassError"]
+__all__ = ["OnnxSnnError", "DataError", "ModelLoadError", "ModelWeightsError", "UnsupportedOpError",
+           "OptionError", "CalibrationError", "PassError"]
 
 
 class ModelLoadError(OnnxSnnError):
     """The model file or object cannot be read or is not a valid ONNX model."""
+
+
+class ModelWeightsError(ModelLoadError):
+    """A weight, bias or other constant the model computes with holds NaN or Inf."""
 
 
 class UnsupportedOpError(OnnxSnnError):

@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -36,12 +37,29 @@ def load(source: str | os.PathLike | bytes | onnx.ModelProto) -> tuple[onnx.Mode
     if not data:
         raise ModelLoadError(f"model file {path} is empty")
     model = _parse(data, str(path))
+    _check_external_locations(model, path)
     try:
         onnx.load_external_data_for_model(model, str(path.parent))
     except (OSError, onnx.checker.ValidationError, ValueError) as e:
         raise ModelLoadError(f"{path}: its external data cannot be read ({e}); keep the data files "
                              "beside the model as they were saved") from e
     return model, hashlib.sha256(data).hexdigest()
+
+
+def _check_external_locations(model: onnx.ModelProto, path: Path) -> None:
+    """Refuse external data that points outside the model's folder (an absolute path or ..):
+    a model from elsewhere must not make us read arbitrary files."""
+    from onnx.external_data_helper import ExternalDataInfo, _get_all_tensors, uses_external_data
+    folder = path.parent.resolve()
+    for tensor in _get_all_tensors(model):
+        if not uses_external_data(tensor):
+            continue
+        location = ExternalDataInfo(tensor).location
+        target = (folder / location).resolve()
+        if os.path.isabs(location) or (target != folder and folder not in target.parents):
+            raise ModelLoadError(f"{path}: tensor {tensor.name!r} keeps its data at {location!r}, outside the "
+                                 f"model's folder {folder}; refused (a model may only read data files beside "
+                                 "it). Save the model with its data in one folder")
 
 
 def _parse(data: bytes, where: str) -> onnx.ModelProto:
@@ -56,27 +74,30 @@ def _parse(data: bytes, where: str) -> onnx.ModelProto:
 
 
 def save(model: onnx.ModelProto, path: str | os.PathLike) -> Path:
-    """Write ``model`` atomically (temporary file, then rename). Models past protobuf's 2 GiB limit
-    get their tensors in ``<name>.data`` beside the file. Returns the path written."""
+    """Write ``model`` atomically: into a temporary folder beside ``path``, then renamed, so a
+    failure or an interruption leaves neither a half-written file nor the temporary folder.
+    Models past protobuf's 2 GiB limit get their tensors in ``<name>.data`` beside the file.
+    Returns the path written."""
     path = Path(path)
     if not path.parent.is_dir():
-        raise OnnxSnnError(f"cannot write {path}: folder {path.parent} does not exist")
+        raise OnnxSnnError(f"cannot write {path}: {path.parent} is not an existing folder; create it first")
     large = model.ByteSize() > _PROTOBUF_LIMIT
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
     try:
+        tmpdir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    except OSError as e:
+        raise OnnxSnnError(f"cannot write in {path.parent}: {e}; choose a folder you can write to") from e
+    try:
+        tmp = tmpdir / path.name
         if large:
             onnx.save_model(model, tmp, save_as_external_data=True, all_tensors_to_one_file=True,
                             location=f"{path.name}.data", size_threshold=1024)
-            os.replace(Path(tmp).parent / f"{path.name}.data", path.parent / f"{path.name}.data")
+            os.replace(tmpdir / f"{path.name}.data", path.parent / f"{path.name}.data")
         else:
-            with open(tmp, "wb") as f:
-                f.write(model.SerializeToString())
+            tmp.write_bytes(model.SerializeToString())
         os.replace(tmp, path)
     except OSError as e:
         raise OnnxSnnError(f"cannot write {path}: {e}") from e
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        shutil.rmtree(tmpdir, ignore_errors=True)
     log.info("wrote %s", path)
     return path

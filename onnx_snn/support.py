@@ -8,9 +8,10 @@ coding is exact for linear and affine ops, and ReLU/Clip(0, c) become neurons.
 """
 from __future__ import annotations
 
+import numpy as np
 import onnx_graphsurgeon as gs
 
-from .errors import UnsupportedOpError
+from .errors import ModelWeightsError, UnsupportedOpError
 from .graph import const, is_standard
 
 NEURON_OPS = {"Relu", "Clip"}
@@ -78,9 +79,22 @@ def check_node(node: gs.Node, carrying: set[str]) -> None:
                                  "where it is dropped (argmax of summed logits is unchanged)")
 
 
+def check_weights(node: gs.Node) -> None:
+    """Refuse a node whose constant inputs (weights, bias, scales) hold NaN or Inf."""
+    for t in node.inputs:
+        value = const(t) if not t.is_empty() else None
+        if value is not None and np.issubdtype(value.dtype, np.floating) and not np.isfinite(value).all():
+            bad = int(np.size(value) - np.isfinite(value).sum())
+            raise ModelWeightsError(f"node {node.name!r} (op {node.op}): its constant input {t.name!r} holds "
+                                    f"{bad} NaN or Inf value(s) of {np.size(value)}; the model's weights are "
+                                    "broken: retrain or re-export it")
+
+
 def check_graph(graph: gs.Graph) -> None:
-    """Raise ``UnsupportedOpError`` for the first node the converter cannot map faithfully."""
+    """Raise ``UnsupportedOpError`` for the first node the converter cannot map faithfully, and
+    ``ModelWeightsError`` for one whose weights are not finite."""
     carrying = activation_tensors(graph)
     for node in graph.nodes:
         if any(t.name in carrying for t in node.inputs if not t.is_empty()):
             check_node(node, carrying)
+            check_weights(node)

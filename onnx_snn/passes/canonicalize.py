@@ -2,7 +2,8 @@
 
 Guarantees on the model it returns (its maths unchanged):
 
-* default-domain opset >= 15 (older models are version-converted), no custom-domain op left
+* default-domain opset >= 15 (older models are version-converted) and <= 26 (newer ones are
+  refused: onnxruntime 1.31 runs no newer), no custom-domain op left
   from an earlier conversion, no model-local functions (exporter functions are inlined);
 * no ``Constant`` nodes: every constant is an initializer; nodes whose inputs are all constant,
   and ``Shape`` of a fully static tensor, are folded;
@@ -30,6 +31,9 @@ log = logging.getLogger(__name__)
 
 # Folding runs numpy's reference ops; beyond this many output elements we leave the node alone.
 _FOLD_LIMIT = 1 << 24
+# The newest default-domain opset onnxruntime 1.31 runs (pyproject pins onnxruntime < 1.32):
+# calibration and the runtime would fail on a newer one, deep inside onnxruntime.
+MAX_ONNX_OPSET = 26
 
 
 def default_opset(model: onnx.ModelProto) -> int:
@@ -93,6 +97,10 @@ class Canonicalize(Pass):
         if model.functions:
             model = onnx.inliner.inline_local_functions(model)
         opset = default_opset(model)
+        if opset > MAX_ONNX_OPSET:
+            raise ModelLoadError(f"the model uses ai.onnx opset {opset}, newer than onnx-snn runs (at most "
+                                 f"{MAX_ONNX_OPSET}, what onnxruntime supports); re-export it with opset "
+                                 f"{MAX_ONNX_OPSET} or older (torch.onnx.export(..., opset_version={MAX_ONNX_OPSET}))")
         if opset < if_neuron.MIN_ONNX_OPSET:
             try:
                 model = onnx.version_converter.convert_version(model, if_neuron.MIN_ONNX_OPSET)

@@ -70,7 +70,31 @@ def _parse(data: bytes, where: str) -> onnx.ModelProto:
         raise ModelLoadError(f"{where} is not an ONNX model (protobuf parse failed: {e})") from e
     if not model.HasField("graph") or not model.graph.node and not model.graph.input:
         raise ModelLoadError(f"{where} holds no ONNX graph; is it really an .onnx model?")
+    try:
+        _decode_text(model)
+    except UnicodeDecodeError as e:
+        raise ModelLoadError(f"{where} holds a name or text that is not UTF-8 ({e}); the file is corrupted") from e
     return model
+
+
+def _decode_text(message) -> None:
+    """Decode every string field once, and attributes' byte strings (which graph tools decode
+    as UTF-8), so a corrupted one fails here with a clear error rather than deep inside a pass."""
+    if isinstance(message, onnx.AttributeProto):
+        message.s.decode("utf-8")
+        for item in message.strings:
+            item.decode("utf-8")
+    for field, value in message.ListFields():
+        if field.type == field.TYPE_STRING:
+            # protobuf hands back bytes, not str, for a string field that is not valid UTF-8
+            if isinstance(value, bytes) or (not isinstance(value, str) and any(isinstance(v, bytes) for v in value)):
+                raise UnicodeDecodeError("utf-8", value if isinstance(value, bytes) else b"", 0, 1,
+                                         f"field {field.name!r} of {type(message).__name__}")
+            continue
+        if field.message_type is None:
+            continue
+        for item in ([value] if hasattr(value, "ListFields") else value):  # one message, or repeated
+            _decode_text(item)
 
 
 def save(model: onnx.ModelProto, path: str | os.PathLike) -> Path:

@@ -45,9 +45,16 @@ def default_opset(model: onnx.ModelProto) -> int:
 
 def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
     try:
-        return onnx.shape_inference.infer_shapes(model, data_prop=True)
+        inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
     except onnx.shape_inference.InferenceError as e:
         raise ModelLoadError(f"shape inference failed: {e}. Check the model with onnx.checker") from e
+    try:  # strict inference also compares the shapes the model declares with the inferred ones
+        onnx.shape_inference.infer_shapes(model, strict_mode=True)
+    except onnx.shape_inference.InferenceError as e:
+        if "differ" in str(e):
+            raise ModelLoadError(f"the model declares shapes its own ops contradict: {str(e).strip()}. "
+                                 "Fix or re-export it") from e
+    return inferred
 
 
 def _fold_node(node: gs.Node, opset: int) -> list[np.ndarray] | None:
@@ -94,6 +101,11 @@ class Canonicalize(Pass):
                                  "convert the original ANN instead")
         if not model.graph.input:
             raise ModelLoadError("the model has no graph inputs; there is nothing to feed it")
+        try:  # structure only (names, edges, attributes): what every later pass relies on
+            onnx.checker.check_model(model)
+        except onnx.checker.ValidationError as e:
+            raise ModelLoadError(f"the model is not valid ONNX: {str(e).strip().splitlines()[0]}; "
+                                 "fix or re-export it (onnx.checker.check_model says why)") from e
         if model.functions:
             model = onnx.inliner.inline_local_functions(model)
         opset = default_opset(model)
@@ -109,8 +121,11 @@ class Canonicalize(Pass):
                                      f"{if_neuron.MIN_ONNX_OPSET} ({e}); re-export it with opset >= "
                                      f"{if_neuron.MIN_ONNX_OPSET}") from e
             opset = if_neuron.MIN_ONNX_OPSET
-        graph = import_graph(infer_shapes(model))
-        graph.toposort()
+        try:
+            graph = import_graph(infer_shapes(model))
+            graph.toposort()
+        except gs.util.exception.OnnxGraphSurgeonException as e:
+            raise ModelLoadError(f"the graph is malformed: {e}; check it with onnx.checker.check_model") from e
         names: set[str] = set()
         taken = {n.name for n in graph.nodes if n.name}
         for i, node in enumerate(list(graph.nodes)):

@@ -18,7 +18,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from ..errors import UnsupportedOpError
+from ..errors import ModelLoadError, UnsupportedOpError
 from ..graph import bypass, channel_shape, const, export_model, import_graph, producer, rank, sole_consumer, unique_name
 from .base import Pass, PassResult
 
@@ -32,7 +32,14 @@ def bn_scale_shift(bn: gs.Node) -> tuple[np.ndarray, np.ndarray]:
     params = [const(t) for t in bn.inputs[1:5]]
     if any(p is None for p in params):
         raise UnsupportedOpError(bn.name, bn.op, "has non-constant scale, bias, mean or variance")
+    if len({p.size for p in params}) != 1 or any(p.ndim != 1 for p in params):
+        raise ModelLoadError(f"BatchNormalization {bn.name!r}: scale, bias, mean and variance must be vectors "
+                             f"of one length (one value per channel), got shapes {[p.shape for p in params]}; "
+                             "the model is malformed")
     gamma, beta, mean, var = (p.astype(np.float64) for p in params)
+    if (var < 0).any():
+        raise ModelLoadError(f"BatchNormalization {bn.name!r} has {int((var < 0).sum())} negative variance(s); "
+                             "the model is malformed")
     s = gamma / np.sqrt(var + float(bn.attrs.get("epsilon", 1e-5)))
     return s, beta - mean * s
 
@@ -43,7 +50,11 @@ def _new_const(graph: gs.Graph, base: str, values: np.ndarray, dtype) -> gs.Cons
 
 def _bias(node: gs.Node, index: int, n: int) -> np.ndarray:
     if len(node.inputs) > index and not node.inputs[index].is_empty():
-        return const(node.inputs[index]).astype(np.float64)
+        bias = const(node.inputs[index]).astype(np.float64)
+        if node.op in ("Conv", "ConvTranspose") and bias.size != n:
+            raise ModelLoadError(f"node {node.name!r} ({node.op}) has {n} output channels but a bias of "
+                                 f"{bias.size} values; the model is malformed")
+        return bias
     return np.zeros(n)
 
 
@@ -58,10 +69,18 @@ def _set_weight_and_bias(graph, node, weight: np.ndarray, bias: np.ndarray, dtyp
         node.inputs.append(bias_const)
 
 
+def _mismatch(node, channels: int, s: np.ndarray) -> ModelLoadError:
+    return ModelLoadError(f"node {node.name!r} ({node.op}) has {channels} output channels, but the per-channel "
+                          f"scale applied to its output has {len(s)}; the model is malformed")
+
+
 def _fold_conv(graph, conv, s, t) -> bool:
     w = const(conv.inputs[1])
     if w is None:
         return False
+    channels = w.shape[0] if conv.op == "Conv" else w.shape[1] * int(conv.attrs.get("group", 1))
+    if channels != len(s):
+        raise _mismatch(conv, channels, s)
     w64 = w.astype(np.float64)
     if conv.op == "Conv":
         w_new = w64 * s.reshape((-1,) + (1,) * (w.ndim - 1))
@@ -79,6 +98,8 @@ def _fold_gemm(graph, gemm, s, t) -> bool:
     if b is None:
         return False
     n = len(s)
+    if b.ndim != 2 or b.shape[0 if gemm.attrs.get("transB", 0) else 1] != n:
+        raise _mismatch(gemm, b.shape[0 if gemm.attrs.get("transB", 0) else 1] if b.ndim == 2 else -1, s)
     c = _bias(gemm, 2, n) * float(gemm.attrs.get("beta", 1.0))
     if c.ndim == 2 and c.shape[0] != 1 or c.size not in (1, n):
         return False  # bias varies along the batch: not foldable into a per-feature bias
@@ -108,6 +129,8 @@ def _fold_matmul(graph, node, s, t) -> bool:
     w = const(mm.inputs[1])
     if w is None or w.ndim != 2 or rank(mm.outputs[0]) != 2:
         return False  # BN's channel axis is the weight's column axis only for [N, F] outputs
+    if w.shape[1] != len(s):
+        raise _mismatch(mm, w.shape[1], s)
     mm.inputs[1] = _new_const(graph, f"{mm.name}.weight_bn", w.astype(np.float64) * s[None, :], w.dtype)
     b_values = np.broadcast_to(bias.reshape(-1), s.shape) * s + t
     if add is None and not b_values.any():

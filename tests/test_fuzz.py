@@ -1,0 +1,55 @@
+"""The fuzz harness (bench/fuzz.py) in CI: a small fixed budget of mutated models and data through
+load -> convert -> one step, where only the project's errors may come out; and every failure the
+long runs found, kept as a regression case."""
+import sys
+
+import pytest
+
+from conftest import ROOT
+
+sys.path.insert(0, str(ROOT / "bench"))
+import fuzz  # noqa: E402
+
+hypothesis = pytest.importorskip("hypothesis")
+
+# Found by bench/fuzz.py, each a failure before its fix (the outcome was "failure"):
+REGRESSIONS = {
+    # a node name that is not UTF-8: protobuf hands back bytes, graphsurgeon crashed exporting it
+    "name not UTF-8": (0, 0.5, [("bytes", 194, 998, 0.0)], "not UTF-8"),
+    # Conv weights with 4 output channels before a BatchNorm of 32: numpy broadcast error
+    "BatchNorm wider than its Conv": (1, "99.9%", [("input_dim", 9649, 2506, 0.0), ("opset", 206, 427, 0.0),
+                                                   ("initializer_shape", 100, 2753, 0.0)], "malformed"),
+    # a Conv bias of 3 values for 32 channels: numpy broadcast error in the BatchNorm fold
+    "Conv bias of the wrong length": (1, "search", [("initializer_shape", 33, 237, 0.0),
+                                                   ("initializer_dtype", 514, 577, 0.0)], "malformed"),
+    # declared output shape [N, 3] against an inferred [N, 1]: onnx.checker failed in WriteStepModel
+    "declared shape contradicted": (0, "max", [("initializer_shape", 109, 295, 0.0)], "declares shapes"),
+    # Conv weights cut to one output channel, so the Gemm after it no longer fits: onnxruntime
+    # refused the session inside Calibrate (a PassError, "a bug in onnx-snn")
+    "onnxruntime refuses the model": (0, "max", [("initializer_shape", 0, 0, 0.0)], "onnxruntime cannot run"),
+}
+
+
+@pytest.mark.parametrize("name", list(REGRESSIONS))
+def test_fuzz_regression(name):
+    which, mode, mutations, message = REGRESSIONS[name]
+    outcome, detail = fuzz.run_case(which, mode, mutations, timeout=60)
+    assert outcome == "refused", detail
+    assert message in detail
+
+
+def test_fuzz_small_budget_only_project_errors():
+    from hypothesis import HealthCheck, given, seed, settings
+    which_s, mode_s, mutations_s = fuzz.strategies()
+    failures = []
+
+    @seed(20261128)
+    @settings(max_examples=120, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+    @given(which_s, mode_s, mutations_s)
+    def case(which, mode, mutations):
+        outcome, detail = fuzz.run_case(which, mode, mutations, timeout=60)
+        if outcome == "failure":
+            failures.append((which, mode, mutations, detail[:300]))
+
+    case()
+    assert not failures, failures[:3]

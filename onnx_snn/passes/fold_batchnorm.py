@@ -50,7 +50,11 @@ def _new_const(graph: gs.Graph, base: str, values: np.ndarray, dtype) -> gs.Cons
 
 def _bias(node: gs.Node, index: int, n: int) -> np.ndarray:
     if len(node.inputs) > index and not node.inputs[index].is_empty():
-        bias = const(node.inputs[index]).astype(np.float64)
+        bias = const(node.inputs[index])
+        if bias is None:
+            raise UnsupportedOpError(node.name, node.op, "has a bias that is not a constant; only constant "
+                                     "weights and biases can be folded and converted")
+        bias = bias.astype(np.float64)
         if node.op in ("Conv", "ConvTranspose") and bias.size != n:
             raise ModelLoadError(f"node {node.name!r} ({node.op}) has {n} output channels but a bias of "
                                  f"{bias.size} values; the model is malformed")

@@ -27,6 +27,10 @@ REGRESSIONS = {
     "declared shape contradicted": (0, "max", [("initializer_shape", 109, 295, 0.0)], "shapes are inconsistent"),
     # a Gemm fed a rank-4 tensor after an edge moved: onnx.checker failed in WriteStepModel
     "op input of the wrong rank": (1, 0.5, [("edge", 727, 126, 0.0), ("edge", 40, 10000, 0.0)], "inconsistent"),
+    # a weight of 1e30: activations near 1e30, and folding the scale into the next weights overflowed
+    # float32 to inf, so the SNN's outputs were NaN (now: the Mul is kept, outputs finite)
+    "scale folding overflows": (0, "99.9%", [("initializer_values", 1579, 597, 0.0),
+                                           ("initializer_values", 1745, 597, -1e6), ("bytes", 308, 7832, -0.5)], None),
     # a Conv whose bias became a non-constant tensor: AttributeError in the BatchNorm fold
     "Conv bias not constant": (1, "max", [("edge", 4586, 1994, 0.0), ("edge", 6475, 3003, 0.0)], ""),
     # Conv weights cut to one output channel, so the Gemm after it no longer fits: onnxruntime
@@ -39,6 +43,9 @@ REGRESSIONS = {
 def test_fuzz_regression(name):
     which, mode, mutations, message = REGRESSIONS[name]
     outcome, detail = fuzz.run_case(which, mode, mutations, timeout=60)
+    if message is None:  # converts and runs now
+        assert outcome == "ok", detail
+        return
     assert outcome == "refused", detail
     assert re.search(message, detail), detail  # the fix that refuses it first may be an earlier check
 

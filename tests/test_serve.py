@@ -271,4 +271,5 @@ def test_server_memory_is_bounded_by_live_sequences_not_by_sequences_served(serv
         r = stream(c, "http", 60_000 + sid, x, start=True, end=True)
         assert r.as_numpy("step")[0] == 1
     growth = _rss_mb(server["proc"].pid) - before
+    print(f"server RSS {before:.1f} MB before, growth {growth:+.1f} MB over 2000 finished sequences")
     assert growth < 40, f"server RSS grew {growth:.1f} MB over 2000 finished sequences"

@@ -149,9 +149,16 @@ def _scale_weight_inputs(graph: gs.Graph, layer: gs.Node, lam: np.ndarray, mul: 
     return bypass(graph, mul, spikes)
 
 
+def _finite_constants(graph: gs.Graph) -> bool:
+    return all(np.isfinite(t.values).all() for t in graph.tensors().values()
+               if isinstance(t, gs.Constant) and np.issubdtype(t.values.dtype, np.floating))
+
+
 class FoldScales(Pass):
     def call(self, model: onnx.ModelProto) -> PassResult:
         graph = import_graph(model)
+        if not _finite_constants(graph):
+            return PassResult(model, False)
         folded = []
         for mul in [n for n in graph.nodes if n.op == "Mul" and (n.name or "").startswith("snn.")]:
             if mul.name.endswith(".scale_in") and _fold_input(graph, mul):
@@ -159,6 +166,10 @@ class FoldScales(Pass):
             elif mul.name.endswith(".scale_out") and _fold_output(graph, mul):
                 folded.append(mul.name)
         if not folded:
+            return PassResult(model, False)
+        if not _finite_constants(graph):
+            # a scale of ~1e30 times a large weight overflows float32: keep the Muls instead
+            log.warning("folding the neuron scales into the weights would overflow float32; kept as Muls")
             return PassResult(model, False)
         log.info("folded %d threshold-scaling Muls into weights: %s", len(folded), folded)
         return PassResult(export_model(graph, model), True)

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import onnx
 
 from onnx_snn_runtime.format import KEY_CALIBRATION, KEY_STATES, State, StepModelSpec
 
-from ..errors import PassError
+from ..errors import ModelWeightsError, PassError
 from ..graph import ir_version_for
 from .base import Pass, PassResult
 from .output_softmax import METADATA_KEY as SOFTMAX_KEY
@@ -41,6 +42,13 @@ class WriteStepModel(Pass):
         out.metadata_props.extend(keep)
         for key, value in spec.to_metadata().items():
             out.metadata_props.add(key=key, value=value)
+        for t in out.graph.initializer:  # huge activations (about 1e30) can overflow the scaled constants
+            if t.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE):
+                if not np.isfinite(onnx.numpy_helper.to_array(t)).all():
+                    raise ModelWeightsError(f"constant {t.name!r} of the step model overflows its type; the source "
+                                            "model's activations are too large for float32 arithmetic "
+                                            f"(calibrated scales: {[e['lambda'] for e in spec.calibration.get('layers', [])][:4]}); "
+                                            "rescale its weights or inputs")
         out.ir_version = ir_version_for(out)
         out.producer_name, out.producer_version = "onnx-snn", _version()
         try:

@@ -55,8 +55,9 @@ def _check_external_locations(model: onnx.ModelProto, path: Path) -> None:
         if not uses_external_data(tensor):
             continue
         location = ExternalDataInfo(tensor).location
-        target = (folder / location).resolve()
-        if os.path.isabs(location) or (target != folder and folder not in target.parents):
+        # lexical, not resolved: a data file that is a symlink (a hub cache's blobs) is onnx's call
+        target = os.path.normpath(os.path.join(folder, location))
+        if os.path.isabs(location) or not target.startswith(str(folder) + os.sep):
             raise ModelLoadError(f"{path}: tensor {tensor.name!r} keeps its data at {location!r}, outside the "
                                  f"model's folder {folder}; refused (a model may only read data files beside "
                                  "it). Save the model with its data in one folder")
@@ -113,7 +114,9 @@ def save(model: onnx.ModelProto, path: str | os.PathLike) -> Path:
     try:
         tmp = tmpdir / path.name
         if large:
-            onnx.save_model(model, tmp, save_as_external_data=True, all_tensors_to_one_file=True,
+            copy = onnx.ModelProto()  # saving with external data rewrites the tensors in place
+            copy.CopyFrom(model)
+            onnx.save_model(copy, tmp, save_as_external_data=True, all_tensors_to_one_file=True,
                             location=f"{path.name}.data", size_threshold=1024)
             os.replace(tmpdir / f"{path.name}.data", path.parent / f"{path.name}.data")
         else:

@@ -79,10 +79,17 @@ def check_node(node: gs.Node, carrying: set[str]) -> None:
                                  "where it is dropped (argmax of summed logits is unchanged)")
 
 
+# constant inputs where an infinite value is legitimate: Clip's bounds, Pad's fill value
+_MAY_BE_INFINITE = {"Clip": {1, 2}, "Pad": {2}}
+
+
 def check_weights(node: gs.Node) -> None:
-    """Refuse a node whose constant inputs (weights, bias, scales) hold NaN or Inf."""
-    for t in node.inputs:
+    """Refuse a node whose constant inputs (weights, bias, scales) hold NaN or Inf (an infinite
+    Clip bound or Pad value is fine; NaN never is)."""
+    for i, t in enumerate(node.inputs):
         value = const(t) if not t.is_empty() else None
+        if value is not None and i in _MAY_BE_INFINITE.get(node.op, ()):
+            value = np.where(np.isinf(value), 0, value) if np.issubdtype(value.dtype, np.floating) else value
         if value is not None and np.issubdtype(value.dtype, np.floating) and not np.isfinite(value).all():
             bad = int(np.size(value) - np.isfinite(value).sum())
             raise ModelWeightsError(f"node {node.name!r} (op {node.op}): its constant input {t.name!r} holds "

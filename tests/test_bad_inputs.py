@@ -235,3 +235,76 @@ def test_a_model_past_the_protobuf_limit_converts_with_its_data_beside(bundled, 
     assert onnx_snn.spec(reloaded).states
     with pytest.raises(ModelLoadError, match="already contains onnx_snn neurons"):
         onnx_snn.Converter(bundled[0][:32], progress=False)(out)
+
+
+# -- valid models the checks above must still accept (each was refused by a first version) -------
+
+def _graphsurgeon_edits():
+    import onnx_graphsurgeon as gs
+    g = gs.import_onnx(sample())
+    x = g.inputs[0]
+    scaled = gs.Variable("x_scaled", dtype=np.float32)
+    for node in list(g.nodes):
+        for i, t in enumerate(node.inputs):
+            if t is x:
+                node.inputs[i] = scaled
+    g.nodes.append(gs.Node("Mul", inputs=[x, gs.Constant("two", np.array(2.0, np.float32))], outputs=[scaled]))
+    unsorted = gs.export_onnx(g.cleanup())  # the new node last: not in topological order
+    g = gs.import_onnx(sample())
+    probs = gs.Variable("probs", dtype=np.float32)  # an output without a shape
+    g.nodes.append(gs.Node("Identity", inputs=[g.outputs[0]], outputs=[probs]))
+    g.outputs = [probs]
+    shapeless = gs.export_onnx(g.cleanup().toposort())
+    for m in (unsorted, shapeless):
+        m.ir_version = 9
+    return {"nodes not sorted": unsorted, "output without shape": shapeless}
+
+
+def _torch_modules():
+    torch = pytest.importorskip("torch")
+    nn, F = torch.nn, torch.nn.functional
+
+    class InfClip(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c, self.l = nn.Conv2d(1, 2, 3), nn.Linear(2 * 26 * 26, 3)
+
+        def forward(self, x):  # clamp to [0, inf): a Clip whose max is +inf
+            return self.l(torch.clamp(self.c(x), 0.0, float("inf")).flatten(1))
+
+    class Padded(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c, self.l = nn.Conv2d(1, 2, 3), nn.Linear(2 * 28 * 28, 3)
+
+        def forward(self, x):  # torchscript exports F.pad through ConstantOfShape (a tensor attribute)
+            return self.l(F.relu(F.pad(self.c(x), (1, 1, 1, 1), value=0.0)).flatten(1))
+
+    return {"Clip with an infinite bound": InfClip(), "F.pad (torchscript)": Padded()}
+
+
+@pytest.mark.parametrize("name", ["nodes not sorted", "output without shape"])
+def test_valid_graphsurgeon_edits_convert(name, bundled):
+    model = _graphsurgeon_edits()[name]
+    snn = onnx_snn.Converter(bundled[0][:32], "99.9%", progress=False)(model)
+    from onnx_snn_runtime import Simulator
+    assert np.isfinite(Simulator(snn.SerializeToString(), "cpu").run(bundled[2][:2], 3)).all()
+
+
+@pytest.mark.parametrize("name", ["Clip with an infinite bound", "F.pad (torchscript)"])
+def test_valid_torch_exports_convert(name, bundled):
+    torch = pytest.importorskip("torch")
+    module = _torch_modules()[name]
+    x = bundled[0][:16]
+    snn = onnx_snn.Converter(x, "max", exporter="torchscript", progress=False)(module, torch.from_numpy(x[:2]))
+    from onnx_snn_runtime import Simulator
+    assert np.isfinite(Simulator(snn.SerializeToString(), "cpu").run(x[:2], 3)).all()
+
+
+def test_saving_a_large_model_leaves_the_callers_model_intact(bundled, tmp_path, monkeypatch):
+    from onnx_snn import io
+    monkeypatch.setattr(io, "_PROTOBUF_LIMIT", 1000)
+    snn = onnx_snn.Converter(bundled[0][:32], progress=False)(SAMPLE_ONNX)
+    io.save(snn, tmp_path / "a.snn.onnx")
+    io.save(snn, tmp_path / "b.snn.onnx")  # failed before: the first save emptied the tensors
+    assert (tmp_path / "b.snn.onnx.data").stat().st_size == (tmp_path / "a.snn.onnx.data").stat().st_size

@@ -2,23 +2,27 @@
 
 Guarantees on the model it returns (its maths unchanged):
 
-* default-domain opset >= 15 (older models are version-converted) and <= 26 (newer ones are
-  refused: onnxruntime 1.31 runs no newer), no custom-domain op left
+* default-domain opset >= 15 (older models are version-converted) and no newer than the
+  installed onnxruntime runs (26 for 1.31; newer ones are refused), no custom-domain op left
   from an earlier conversion, no model-local functions (exporter functions are inlined);
 * no ``Constant`` nodes: every constant is an initializer; nodes whose inputs are all constant,
   and ``Shape`` of a fully static tensor, are folded;
 * no ``Identity`` and no inference-time ``Dropout`` nodes;
 * every node has a unique, non-empty name (later passes and error messages refer to it);
+* nodes in topological order; a model onnxruntime cannot load, or whose standard ops
+  contradict its shapes, is refused here with the reason;
 * shapes inferred into ``value_info``; graph input and output names, and their dynamic batch
   dimension, exactly as given.
 """
 from __future__ import annotations
 
+import functools
 import logging
 
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
+import onnxruntime as ort
 from onnx import helper
 from onnx.reference import ReferenceEvaluator
 
@@ -31,9 +35,59 @@ log = logging.getLogger(__name__)
 
 # Folding runs numpy's reference ops; beyond this many output elements we leave the node alone.
 _FOLD_LIMIT = 1 << 24
-# The newest default-domain opset onnxruntime 1.31 runs (pyproject pins onnxruntime < 1.32):
-# calibration and the runtime would fail on a newer one, deep inside onnxruntime.
-MAX_ONNX_OPSET = 26
+# Models past protobuf's 2 GiB message limit cannot be handed to onnxruntime as bytes: for
+# those the up-front "does onnxruntime run it" check is skipped.
+_SESSION_CHECK_LIMIT = 2**31 - (64 << 20)
+
+
+@functools.lru_cache(maxsize=1)
+def max_onnx_opset() -> int:
+    """The newest default-domain opset the installed onnxruntime runs (26 for 1.31, 21 for 1.20):
+    calibration and the runtime would fail deep inside onnxruntime on a newer one."""
+    for version in range(onnx.defs.onnx_opset_version(), if_neuron.MIN_ONNX_OPSET - 1, -1):
+        graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "probe",
+                                  [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])],
+                                  [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])])
+        probe = helper.make_model(graph, opset_imports=[helper.make_opsetid("", version)])
+        probe.ir_version = 10
+        try:
+            ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
+            return version
+        except Exception:  # noqa: BLE001 - too new for this onnxruntime
+            continue
+    return if_neuron.MIN_ONNX_OPSET
+
+
+def _sorted(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The model with its nodes in topological order (onnxruntime runs unsorted graphs; shape
+    inference and the passes need them sorted)."""
+    try:
+        graph = import_graph(model)
+        graph.toposort()
+    except gs.util.exception.OnnxGraphSurgeonException as e:
+        raise ModelLoadError(f"the graph is malformed: {e}; check it with onnx.checker.check_model") from e
+    out = gs.export_onnx(graph, do_type_check=False, opset_imports=list(model.opset_import))
+    out.ir_version = model.ir_version
+    del out.metadata_props[:]
+    out.metadata_props.extend(model.metadata_props)
+    return out
+
+
+def _check_runs(model: onnx.ModelProto) -> None:
+    """Refuse up front a model that onnxruntime itself cannot load, with onnxruntime's reason:
+    every later pass runs it, and their failures would look like onnx-snn's bugs."""
+    if model.ByteSize() > _SESSION_CHECK_LIMIT:
+        return
+    if any(n.domain not in ("", "ai.onnx") for n in model.graph.node):
+        return  # onnxruntime lacks the custom op; CheckSupport refuses it naming node and op
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    try:
+        ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    except Exception as e:  # noqa: BLE001 - onnxruntime raises several types for invalid models
+        raise ModelLoadError(f"onnxruntime cannot run the model: {str(e).strip()[:500]}. Check it with "
+                             "onnx.checker.check_model(full_check=True) or re-export it") from e
 
 
 def default_opset(model: onnx.ModelProto) -> int:
@@ -66,7 +120,10 @@ def _fold_node(node: gs.Node, opset: int) -> list[np.ndarray] | None:
         return None
     names = [f"in{i}" if not t.is_empty() else "" for i, t in enumerate(node.inputs)]
     outs = [f"out{i}" for i in range(len(node.outputs))]
-    proto = helper.make_node(node.op, names, outs, **node.attrs)
+    # graphsurgeon imports tensor attributes (ConstantOfShape's value) as Constants
+    attrs = {k: onnx.numpy_helper.from_array(np.asarray(v.values)) if isinstance(v, gs.Constant) else v
+             for k, v in node.attrs.items()}
+    proto = helper.make_node(node.op, names, outs, **attrs)
     feeds = {n: t.values for n, t in zip(names, node.inputs) if n}
     graph = helper.make_graph([proto], "fold",
                               [helper.make_tensor_value_info(n, helper.np_dtype_to_tensor_dtype(v.dtype), v.shape)
@@ -102,18 +159,16 @@ class Canonicalize(Pass):
                                  "convert the original ANN instead")
         if not model.graph.input:
             raise ModelLoadError("the model has no graph inputs; there is nothing to feed it")
-        try:  # structure only (names, edges, attributes): what every later pass relies on
-            onnx.checker.check_model(model)
-        except onnx.checker.ValidationError as e:
-            raise ModelLoadError(f"the model is not valid ONNX: {str(e).strip().splitlines()[0]}; "
-                                 "fix or re-export it (onnx.checker.check_model says why)") from e
         if model.functions:
             model = onnx.inliner.inline_local_functions(model)
         opset = default_opset(model)
-        if opset > MAX_ONNX_OPSET:
+        newest = max_onnx_opset()
+        if opset > newest:
             raise ModelLoadError(f"the model uses ai.onnx opset {opset}, newer than onnx-snn runs (at most "
-                                 f"{MAX_ONNX_OPSET}, what onnxruntime supports); re-export it with opset "
-                                 f"{MAX_ONNX_OPSET} or older (torch.onnx.export(..., opset_version={MAX_ONNX_OPSET}))")
+                                 f"{newest}, what the installed onnxruntime {ort.__version__} supports); re-export "
+                                 f"it with opset {newest} or older (torch.onnx.export(..., opset_version={newest}))")
+        model = _sorted(model)
+        _check_runs(model)
         if opset < if_neuron.MIN_ONNX_OPSET:
             try:
                 model = onnx.version_converter.convert_version(model, if_neuron.MIN_ONNX_OPSET)

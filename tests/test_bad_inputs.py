@@ -233,6 +233,8 @@ def test_a_model_past_the_protobuf_limit_converts_with_its_data_beside(bundled, 
     assert sorted(p.name for p in tmp_path.iterdir()) == ["big.snn.onnx", "big.snn.onnx.data"]
     reloaded, _ = io.load(out)
     assert onnx_snn.spec(reloaded).states
+    from onnx_snn_runtime import Simulator  # onnxruntime finds the data beside the file given its path
+    assert Simulator(out, "cpu").run(bundled[2][:2], 2).shape == (2, 2, 10)
     with pytest.raises(ModelLoadError, match="already contains onnx_snn neurons"):
         onnx_snn.Converter(bundled[0][:32], progress=False)(out)
 

@@ -45,7 +45,7 @@ def resolve(providers) -> tuple[str, bool]:
     return name, True
 
 
-def session(model: bytes, provider: str, *, cuda_graph: bool = False, threads: int | None = None,
+def session(model: bytes | str, provider: str, *, cuda_graph: bool = False, threads: int | None = None,
             device_id: int = 0, optimize: bool = True) -> ort.InferenceSession:
     opts = ort.SessionOptions()
     opts.log_severity_level = 3

@@ -61,7 +61,7 @@ class SequenceStore:
     and to put back the sequence's states.
     """
 
-    def __init__(self, model: bytes, provider: str = "CPUExecutionProvider", *, max_sequences: int = 64,
+    def __init__(self, model: bytes | str, provider: str = "CPUExecutionProvider", *, max_sequences: int = 64,
                  idle_timeout: float = 60.0, max_batch: int = 256, clock=time.monotonic):
         for name, value in (("max_sequences", max_sequences), ("max_batch", max_batch)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -161,7 +161,7 @@ class SNNServer:
                  idle_timeout: float = 60.0, max_T: int = 1000, max_batch: int = 256):
         # no CUDA graphs: a captured graph keeps its batch size, and requests vary in size
         self.simulator = Simulator(model, provider, cuda_graph=False)
-        data = model if isinstance(model, (bytes, bytearray)) else open(model, "rb").read()
+        data = bytes(model) if isinstance(model, (bytes, bytearray)) else str(model)  # a path keeps external data
         self.store = SequenceStore(data, self.simulator.provider, max_sequences=max_sequences,
                                    idle_timeout=idle_timeout, max_batch=max_batch)
         self.max_batch = max_batch

@@ -95,13 +95,15 @@ class Simulator:
                  self._engine.cuda_graph_reason, "yes" if form else "no")
 
     @staticmethod
-    def _read(model) -> bytes:
+    def _read(model) -> bytes | str:
+        """The model's bytes, or its path: onnxruntime resolves a large model's external data
+        (``<name>.data``) relative to the file, which it cannot do for bytes."""
         if isinstance(model, (bytes, bytearray)):
             return bytes(model)
         path = Path(model)
         if not path.is_file():
             raise OnnxSnnError(f"step model {path} does not exist; convert a model with `onnx-snn convert`")
-        return path.read_bytes()
+        return str(path)
 
     @property
     def cuda_graph(self) -> bool:

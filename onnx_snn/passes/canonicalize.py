@@ -35,8 +35,8 @@ log = logging.getLogger(__name__)
 
 # Folding runs numpy's reference ops; beyond this many output elements we leave the node alone.
 _FOLD_LIMIT = 1 << 24
-# Models past protobuf's 2 GiB message limit cannot be handed to onnxruntime as bytes: for
-# those the up-front "does onnxruntime run it" check is skipped.
+# Protobuf's 2 GiB message limit (less headroom): every session the converter builds is made
+# from serialized bytes, so a larger model is refused up front.
 _SESSION_CHECK_LIMIT = 2**31 - (64 << 20)
 
 
@@ -76,8 +76,6 @@ def _sorted(model: onnx.ModelProto) -> onnx.ModelProto:
 def _check_runs(model: onnx.ModelProto) -> None:
     """Refuse up front a model that onnxruntime itself cannot load, with onnxruntime's reason:
     every later pass runs it, and their failures would look like onnx-snn's bugs."""
-    if model.ByteSize() > _SESSION_CHECK_LIMIT:
-        return
     if any(n.domain not in ("", "ai.onnx") for n in model.graph.node):
         return  # onnxruntime lacks the custom op; CheckSupport refuses it naming node and op
     opts = ort.SessionOptions()
@@ -159,6 +157,10 @@ class Canonicalize(Pass):
                                  "convert the original ANN instead")
         if not model.graph.input:
             raise ModelLoadError("the model has no graph inputs; there is nothing to feed it")
+        if model.ByteSize() > _SESSION_CHECK_LIMIT:
+            raise ModelLoadError(f"the model holds {model.ByteSize() / 2**30:.1f} GiB of weights; onnx-snn converts "
+                                 "models up to 2 GiB (its calibration sessions and the step model's runtime form "
+                                 "are built from serialized protobuf, which stops at 2 GiB)")
         if model.functions:
             model = onnx.inliner.inline_local_functions(model)
         opset = default_opset(model)

@@ -144,8 +144,9 @@ def _scale_weight_inputs(graph: gs.Graph, layer: gs.Node, lam: np.ndarray, mul: 
         w_new = w64 * lam[:, None]
     else:
         return False
-    layer.inputs[1] = gs.Constant(unique_name(graph, f"{layer.name}.weight_scaled"),
-                                  np.ascontiguousarray(w_new.astype(w.dtype)))
+    with np.errstate(over="ignore"):  # an overflow to inf is detected after the pass (FoldScales.call)
+        scaled = np.ascontiguousarray(w_new.astype(w.dtype))
+    layer.inputs[1] = gs.Constant(unique_name(graph, f"{layer.name}.weight_scaled"), scaled)
     return bypass(graph, mul, spikes)
 
 

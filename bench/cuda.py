@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -34,19 +33,16 @@ import onnx_snn  # noqa: E402
 from onnx_snn_runtime import Simulator  # noqa: E402
 from onnx_snn_runtime.datasets import load_fashion_mnist  # noqa: E402
 from onnx_snn_runtime.providers import session  # noqa: E402
+from timing import seconds  # noqa: E402
 from vs_spikingjelly import spikingjelly_snn  # noqa: E402
 
 
 def best_seconds(run, repeats: int, sync=lambda: None) -> float:
-    run()  # warm-up: cuDNN autotuning, CUDA graph capture, kernel compilation
+    """Best of ``repeats`` timings of ``run`` then ``sync``, after one warm-up (cuDNN autotuning,
+    CUDA graph capture, kernel compilation)."""
+    run()
     sync()
-    best = np.inf
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        sync()
-        best = min(best, time.perf_counter() - start)
-    return best
+    return min(seconds(lambda: (run(), sync())) for _ in range(repeats))
 
 
 def multi_step(net):

@@ -24,13 +24,7 @@ sys.path.insert(0, str(ROOT))
 import onnx_snn  # noqa: E402
 from onnx_snn_runtime import Simulator  # noqa: E402
 from onnx_snn_runtime.datasets import load_fashion_mnist  # noqa: E402
-
-
-def rss_mb() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
+from timing import status_mb  # noqa: E402
 
 
 def stream(sim: Simulator, x: np.ndarray, steps: int, every: int, warmup: int, report=print) -> list[tuple[int, float]]:
@@ -40,7 +34,7 @@ def stream(sim: Simulator, x: np.ndarray, steps: int, every: int, warmup: int, r
     for t in range(1, steps + 1):
         sim.step(x[(t - 1) % len(x)][None])
         if t == warmup or (t > warmup and t % every == 0) or t == steps:
-            samples.append((t, rss_mb()))
+            samples.append((t, status_mb()))
             report(f"{t:9d} steps  RSS {samples[-1][1]:8.1f} MB")
     return samples
 

@@ -1,5 +1,5 @@
-"""What the timing benchmarks (vs_spikingjelly.py, dense_limit.py) share: their options, the
-images each batch size is timed on, and the stopwatch."""
+"""What the benchmarks share: the timing options of vs_spikingjelly.py and dense_limit.py, the
+images each batch size is timed on, the stopwatch, and memory figures from /proc."""
 from __future__ import annotations
 
 import argparse
@@ -27,3 +27,10 @@ def seconds(run) -> float:
     start = time.perf_counter()
     run()
     return time.perf_counter() - start
+
+
+def status_mb(field: str = "VmRSS", pid: int | str = "self") -> float:
+    """A memory figure of a process from /proc/<pid>/status, in MB (VmRSS; VmHWM = peak RSS)."""
+    with open(f"/proc/{pid}/status") as f:
+        line = next(line for line in f if line.startswith(field + ":"))
+    return int(line.split()[1]) / 1024

@@ -19,6 +19,9 @@ from onnx_snn_runtime.providers import session
 
 from conftest import ROOT, SAMPLE_ONNX
 
+sys.path.insert(0, str(ROOT / "bench"))
+from timing import status_mb  # noqa: E402 - bench/timing.py, the benchmarks' /proc reader
+
 if os.environ.get("CI"):  # CI installs the serve extra: these tests must run there, not skip
     import pytriton  # noqa: F401
     import tritonclient.grpc as grpcclient
@@ -253,23 +256,16 @@ def test_concurrent_clients_all_get_correct_answers(server, bundled):
     assert sum(counts) >= len(threads)  # every client got through at least one round
 
 
-def _rss_mb(pid):
-    for line in open(f"/proc/{pid}/status"):
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
 def test_server_memory_is_bounded_by_live_sequences_not_by_sequences_served(server, bundled):
     """2000 one-step sequences (start and end together) after a warm-up of 200: if the server kept
     any state per finished sequence (about 110 kB each for this model) it would grow by 200 MB."""
     c, x = client(server, "http"), bundled[2][:1]
     for sid in range(200):
         stream(c, "http", 50_000 + sid, x, start=True, end=True)
-    before = _rss_mb(server["proc"].pid)
+    before = status_mb(pid=server["proc"].pid)
     for sid in range(2000):
         r = stream(c, "http", 60_000 + sid, x, start=True, end=True)
         assert r.as_numpy("step")[0] == 1
-    growth = _rss_mb(server["proc"].pid) - before
+    growth = status_mb(pid=server["proc"].pid) - before
     print(f"server RSS {before:.1f} MB before, growth {growth:+.1f} MB over 2000 finished sequences")
     assert growth < 40, f"server RSS grew {growth:.1f} MB over 2000 finished sequences"

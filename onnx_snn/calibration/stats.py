@@ -46,6 +46,7 @@ class StreamingHistogram:
         self.range = np.zeros(channels)   # R per channel; 0 until a positive value is seen
         self.max = np.zeros(channels)     # exact running max (activations are >= 0)
         self.n = 0                        # values seen per channel
+        self.floor = np.zeros(channels)   # the bins start here (TailHistogram raises it)
 
     def _rows(self, x: np.ndarray) -> np.ndarray:
         if self.channels == 1:
@@ -104,20 +105,21 @@ class StreamingHistogram:
         return np.minimum((b + 1) * self.bin_width, self.max)
 
     def share_above(self, value: np.ndarray | float) -> np.ndarray:
-        """Per-channel estimated share of values strictly above ``value``."""
+        """Per-channel estimated share of values strictly above ``value`` (>= the floor): whole
+        bins above it, and linear interpolation inside its bin."""
         value = np.broadcast_to(np.asarray(value, dtype=np.float64), (self.channels,))
         out = np.zeros(self.channels)
         for c in range(self.channels):
             if self.n == 0 or value[c] >= self.max[c] or self.range[c] == 0:
                 continue
-            pos = value[c] / self.bin_width[c]
+            pos = max(value[c] - self.floor[c], 0.0) / self.bin_width[c]
             b = min(int(pos), self.bins - 1)
             above = self.counts[c, b + 1:].sum() + self.counts[c, b] * (b + 1 - pos)
             out[c] = above / self.n
         return out
 
 
-class TailHistogram:
+class TailHistogram(StreamingHistogram):
     """Per-channel counts of the values at or below a fixed ``floor`` and a histogram of those
     above it, over ``(floor, floor + R)`` with R doubling as in ``StreamingHistogram``.
 
@@ -129,16 +131,10 @@ class TailHistogram:
     """
 
     def __init__(self, floor: np.ndarray, bins: int | None = None):
-        self.floor = np.asarray(floor, dtype=np.float64).reshape(-1)
-        self.channels = len(self.floor)
-        self.bins = bins or (DEFAULT_BINS_LAYER if self.channels == 1 else DEFAULT_BINS_CHANNEL)
-        if self.bins < 2 or self.bins & (self.bins - 1):
-            raise ValueError(f"bins must be a power of two >= 2, got {self.bins}")
-        self.counts = np.zeros((self.channels, self.bins), dtype=np.int64)
-        self.range = np.zeros(self.channels)
-        self.max = np.zeros(self.channels)
-        self.below = np.zeros(self.channels, dtype=np.int64)
-        self.n = 0  # values seen per channel
+        floor = np.asarray(floor, dtype=np.float64).reshape(-1)
+        super().__init__(len(floor), bins)
+        self.floor = floor
+        self.below = np.zeros(self.channels, dtype=np.int64)  # values at or below the floor
 
     def update(self, values: np.ndarray, channel: np.ndarray | None, per_channel: int, batch_max: np.ndarray,
                finite: bool = True) -> None:
@@ -158,13 +154,7 @@ class TailHistogram:
             return
         need = batch_max - self.floor
         for c in np.flatnonzero((above > 0) & (need >= self.range)):
-            needed = float(np.nextafter(need[c], np.inf))
-            if self.range[c] == 0:
-                self.range[c] = needed
-            else:
-                factor = 1 << int(np.ceil(np.log2(needed / self.range[c])))
-                self.counts[c] = merge_bins(self.counts[c], factor)
-                self.range[c] *= factor
+            self._grow(c, float(np.nextafter(need[c], np.inf)))
         scale = self.bins / np.where(self.range > 0, self.range, 1.0)
         idx = np.minimum(((values - self.floor[channel]) * scale[channel]).astype(np.intp), self.bins - 1)
         self.counts += np.bincount(channel * self.bins + idx, minlength=self.channels * self.bins).reshape(
@@ -184,16 +174,4 @@ class TailHistogram:
         rank = np.ceil(q * self.n) - self.below
         cum = np.cumsum(self.counts, axis=1)
         b = np.where(rank <= 0, 0, np.argmax(cum >= rank[:, None], axis=1))
-        return np.minimum(self.floor + (b + 1) * self.range / self.bins, self.max)
-
-    def share_above(self, value: np.ndarray | float) -> np.ndarray:
-        """Per-channel share of values strictly above ``value`` (>= the floor), bins interpolated."""
-        value = np.broadcast_to(np.asarray(value, dtype=np.float64), (self.channels,))
-        out = np.zeros(self.channels)
-        for c in range(self.channels):
-            if self.n == 0 or value[c] >= self.max[c] or self.range[c] == 0:
-                continue
-            pos = max(value[c] - self.floor[c], 0.0) / (self.range[c] / self.bins)
-            b = min(int(pos), self.bins - 1)
-            out[c] = (self.counts[c, b + 1:].sum() + self.counts[c, b] * (b + 1 - pos)) / self.n
-        return out
+        return np.minimum(self.floor + (b + 1) * self.bin_width, self.max)

@@ -72,7 +72,9 @@ def with_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def neuron_sites(model: onnx.ModelProto) -> list[Site]:
-    graph = import_graph(with_shapes(model))
+    """The ReLU/Clip sites, with rank and channels where ``model``'s value_info has them
+    (``with_shapes`` fills it in)."""
+    graph = import_graph(model)
     sites = []
     for node in graph.nodes:
         if node.op in NEURON_OPS:
@@ -104,7 +106,8 @@ class Calibrate(Pass):
         self.bins, self.progress = bins, progress
 
     def call(self, model: onnx.ModelProto) -> PassResult:
-        sites = neuron_sites(model)
+        shaped = with_shapes(model)
+        sites = neuron_sites(shaped)
         inits = {t.name for t in model.graph.initializer}
         inputs = [InputSpec.of(i) for i in model.graph.input if i.name not in inits]
         if not sites:
@@ -113,7 +116,7 @@ class Calibrate(Pass):
             hists = []
         elif self._tail_mode() and all(s.rank is not None for s in sites) and (
                 not self.per_channel or all(s.channels is not None or s.rank < 2 for s in sites)):
-            hists, samples = self._tails(with_shapes(model), inputs, sites)
+            hists, samples = self._tails(shaped, inputs, sites)
         else:
             hists, samples = self._dense(model, inputs, sites)
         layers = [self._scale(site, hist) for site, hist in zip(sites, hists)]

@@ -23,7 +23,7 @@ def load(path) -> "onnx.ModelProto":  # noqa: F821 - documented type
 
 def spec(model) -> StepModelSpec:
     """The step-model record (states, outputs, calibration) of a converted model."""
-    return StepModelSpec.from_metadata({p.key: p.value for p in model.metadata_props})
+    return StepModelSpec.from_model(model)
 
 
 __all__ = ["Converter", "save", "load", "spec", "StepModelSpec", "if_neuron", "OnnxSnnError", "ModelLoadError",

@@ -4,19 +4,23 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
 import numpy as np
 
+from onnx_snn_runtime.cli import add_parser as add_run_parser, add_serve_parser
+
 from . import __version__
-from .calibration.mode import parse_mode
 from .calibration.data import load_npz
+from .calibration.mode import parse_mode
 from .converter import Converter
 from .errors import DataError, OnnxSnnError, OptionError
 from .io import save
-from .passes.maxpool import STRATEGIES
-from onnx_snn_runtime.cli import add_parser as add_run_parser, add_serve_parser
+from .options import add_cli_arguments, from_cli
+from .passes.base import CHECK_ENV
+from .tables import lambda_text, table
 
 log = logging.getLogger("onnx_snn")
 
@@ -35,43 +39,24 @@ def _calibration_data(spec: str, limit: int | None):
 
 
 def format_table(layers: list[dict]) -> str:
-    rows = [("#", "node", "op", "lambda", "max", "above lambda")]
-    for i, entry in enumerate(layers):
-        lam = np.asarray(entry["lambda"])
-        shown = f"{float(lam):.4g}" if lam.ndim == 0 else f"{lam.min():.3g}..{lam.max():.3g} ({lam.size} ch)"
-        rows.append((str(i), entry["node"], entry["op"], shown, f"{entry['max']:.4g}",
-                     f"{100 * entry['share_above']:.3f}%"))
-    widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+    """The calibration report: one row per neuron layer."""
+    return table([(i, e["node"], e["op"], lambda_text(e["lambda"]), f"{e['max']:.4g}", f"{100 * e['share_above']:.3f}%")
+                  for i, e in enumerate(layers)], ("#", "node", "op", "lambda", "max", "above lambda"))
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
     out = Path(args.output) if args.output else Path(args.model).with_suffix(".snn.onnx")
     if out.resolve() == Path(args.model).resolve() and not args.force:
         raise OptionError(f"output {out} is the input model; choose another -o or pass --force")
-    mode = None if args.mode is None else parse_mode(args.mode)  # refuse a bad mode before loading data
-    try:
-        v_init = args.v_init if args.v_init in (None, "half") else float(args.v_init)
-    except ValueError:
-        raise OptionError(f"--v-init {args.v_init!r}: give a number (in thresholds) or 'half'") from None
-    converter = Converter(_calibration_data(args.calib, args.limit), mode, fuse_flag=not args.no_fuse,
-                          v_init=v_init, target_T=args.target_T, bias_correction=args.bias_correction,
-                          potential_correction=args.potential_correction, output_decoding=args.output_decoding,
-                          fold_scales=not args.no_fold_scales,
-                          per_channel=args.per_channel, maxpool=args.maxpool, reset_mode=args.reset,
-                          batch_size=args.batch_size, bins=args.bins, progress=not args.quiet)
+    given = from_cli(args)
+    if "mode" in given:
+        given["mode"] = parse_mode(given["mode"])  # refuse a bad mode before loading data
+    converter = Converter(_calibration_data(args.calib, args.limit), progress=not args.quiet, **given)
     snn = converter(args.model)
     save(snn, out)
     if not args.quiet:
         print(format_table(converter.report))
-        recipe = f"preset for T={args.target_T}: " if converter.preset else ""
-        options = converter.options()
-        recipe += f"mode {converter.mode}" + "".join(
-            f", {name}" for name in ("per_channel", "bias_correction", "potential_correction") if options[name])
-        recipe += f", v_init {options['v_init']:g}" if options["v_init"] else ""
-        print(f"\nwrote {out} ({len(converter.report)} neuron layers; {recipe})")
+        print(f"\nwrote {out} ({len(converter.report)} neuron layers; {converter.config.describe()})")
     return 0
 
 
@@ -136,13 +121,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from onnx_snn_runtime.simulator import Simulator, check_T
 
     T = check_T(args.T)
+    source = Path(__file__).resolve().parents[1] / "models" / "sample_cnn.onnx"
+    if not source.is_file():
+        raise OnnxSnnError(f"`onnx-snn demo` converts the repository's sample CNN ({source}), which an installed "
+                           "package does not carry: run it from a source checkout set up with "
+                           "`bash scripts/setup.sh` (pip install -e), or convert your own model with `onnx-snn convert`")
     full = read_idx_dir(DEBIAN_DIR, "test") is not None
     x_train, _ = load_fashion_mnist("train")
     x_test, y_test = load_fashion_mnist("test")
     x_calib, x_test, y_test = x_train[: args.calib_samples], x_test[: args.images], y_test[: args.images]
     print(f"data: {'full Fashion-MNIST (Debian package)' if full else 'bundled Fashion-MNIST subset'}; "
           f"calibration on {len(x_calib)} training images, test on {len(x_test)} images, T={T}")
-    source = Path(__file__).resolve().parents[1] / "models" / "sample_cnn.onnx"
     ann = ort.InferenceSession(str(source), providers=["CPUExecutionProvider"])
     ann_acc = float(np.mean(ann.run(None, {"input": x_test})[0].argmax(1) == y_test))
     out_dir = Path(args.out_dir)
@@ -157,12 +146,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         rows.append((mode, f"{ev.accuracy[-1]:.4f}", f"{100 * (ev.accuracy[-1] - ann_acc):+.2f} pt"))
         print(f"  {mode:6s} done: {ev.accuracy[-1]:.4f}", flush=True)
     rows.append(("ANN", f"{ann_acc:.4f}", ""))
-    widths = [max(len(r[i]) for r in rows) for i in range(3)]
     print()
-    for i, row in enumerate(rows):
-        print("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
-        if i == 0:
-            print("  ".join("-" * w for w in widths))
+    print(table(rows[1:], rows[0]))
     plot = out_dir / "demo_accuracy.png"
     plot_accuracy(curves, str(plot), f"Sample CNN as SNN, Fashion-MNIST ({len(x_test)} test images)", ann_acc)
     print(f"\nwrote {plot} and the six step models in {out_dir}")
@@ -173,34 +158,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="onnx-snn", description="Convert ReLU networks to spiking neural networks.")
     parser.add_argument("--version", action="version", version=f"onnx-snn {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log what each pass does")
+    parser.add_argument("--check-passes", action="store_true",
+                        help="check each pass's guarantee on its result (slower; for debugging the converter)")
     sub = parser.add_subparsers(dest="command", required=True)
     c = sub.add_parser("convert", help="convert an ONNX ReLU network into an SNN step model")
     c.add_argument("model", help="source .onnx model")
     c.add_argument("--calib", required=True, help="calibration data: an .npz (array 'x') or 'fashion-mnist'")
-    c.add_argument("--mode", default=None, help="'max', a percentile like '99.9%%', a fraction k of the max, "
-                   "or 'search' (with --target-T) (default: max; with --target-T alone, the preset)")
     c.add_argument("-o", "--output", help="output path (default: MODEL with .snn.onnx)")
-    c.add_argument("--per-channel", action=argparse.BooleanOptionalAction, default=None, help="one scale per channel instead of per layer")
-    c.add_argument("--no-fuse", action="store_true", help="do not fold BatchNormalization")
-    c.add_argument("--no-fold-scales", action="store_true",
-                   help="keep the threshold-scaling Muls around each neuron (SpikingJelly's VoltageScalers) "
-                        "instead of folding them into the weights")
-    c.add_argument("--maxpool", choices=STRATEGIES, default="running_max", help="MaxPool strategy (default: running_max)")
-    c.add_argument("--reset", choices=("subtract", "zero"), default="subtract", help="neuron reset (default: subtract)")
-    c.add_argument("--v-init", default=None, help="initial membrane potential in thresholds: a number or 'half' "
-                   "(default 0)")
-    c.add_argument("--target-T", type=int, default=None,
-                   help="timesteps the model is built for: recorded (the default T of 'run'), needed by "
-                   "--mode search and the corrections; alone (no --mode), applies the recipe the accuracy "
-                   "benchmark found best at that T")
-    c.add_argument("--bias-correction", action=argparse.BooleanOptionalAction, default=None,
-                   help="correct each layer's mean output for --target-T steps (Li et al. 2021)")
-    c.add_argument("--potential-correction", action=argparse.BooleanOptionalAction, default=None,
-                   help="then set per-neuron initial potentials for --target-T steps (Li et al. 2021)")
-    c.add_argument("--output-decoding", choices=("analog", "spikes"), default="analog",
-                   help="sum the last layer's outputs (analog, default) or make them neurons (spikes)")
-    c.add_argument("--batch-size", type=int, default=256, help="calibration batch size (default: 256)")
-    c.add_argument("--bins", type=int, default=None, help="histogram bins for percentiles (power of two)")
+    add_cli_arguments(c)  # the converter options, from onnx_snn.options.ConvertOptions
     c.add_argument("--limit", type=int, default=None, help="use only the first N calibration samples")
     c.add_argument("--force", action="store_true", help="allow overwriting the input model")
     c.add_argument("-q", "--quiet", action="store_true", help="no progress bar or table")
@@ -250,6 +215,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    if args.check_passes:
+        os.environ[CHECK_ENV] = "1"
     try:
         return args.func(args)
     except OnnxSnnError as e:

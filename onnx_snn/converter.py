@@ -1,20 +1,14 @@
 """The user-facing converter: a visible list of passes from an ANN to an SNN step model."""
 from __future__ import annotations
 
-import json
 import logging
 from typing import Any
 
-import numpy as np
 import onnx
 
-from onnx_snn_runtime.format import KEY_CALIBRATION
-
-from . import io, presets
+from . import io
 from .calibration.data import first_input
-from .calibration.mode import parse_mode
-from .errors import OptionError
-from .ops import if_neuron
+from .options import ConvertOptions
 from .passes.base import Pass, PassManager
 from .passes.calibrate import Calibrate
 from .passes.canonicalize import Canonicalize
@@ -23,12 +17,13 @@ from .passes.correct_bias import CorrectBias
 from .passes.fold_batchnorm import FoldBatchNorm
 from .passes.fold_scales import FoldScales
 from .passes.insert_neurons import InsertNeurons
-from .passes.maxpool import STRATEGIES, PlaceMaxPool
+from .passes.maxpool import PlaceMaxPool
 from .passes.output_neurons import AddOutputNeurons
 from .passes.output_softmax import DropOutputSoftmax
 from .passes.runtime_form import EmbedRuntimeForm
 from .passes.write_step_model import WriteStepModel
-from .torch_export import EXPORTERS, export_module, is_torch_module
+from .record import ConversionRecord
+from .torch_export import export_module, is_torch_module
 
 log = logging.getLogger(__name__)
 
@@ -76,89 +71,61 @@ class Converter:
                  target_T: int | None = None, bias_correction: bool | None = None,
                  potential_correction: bool | None = None, output_decoding: str = "analog",
                  fold_scales: bool = True):
-        if target_T is not None and (isinstance(target_T, bool) or not isinstance(target_T, int) or target_T <= 0):
-            raise OptionError(f"target_T={target_T!r} must be a positive integer")
-        options, self.preset = presets.resolve(target_T, dict(
-            mode=mode, per_channel=per_channel, v_init=v_init, bias_correction=bias_correction,
-            potential_correction=potential_correction))
-        if self.preset:
-            log.info("target_T=%d without a mode: the preset %s", target_T, options)
-        mode, per_channel, v_init = options["mode"], options["per_channel"], options["v_init"]
-        bias_correction, potential_correction = options["bias_correction"], options["potential_correction"]
-        self.mode = parse_mode(mode)
-        if v_init == "half":
-            v_init = 0.5
-        if isinstance(v_init, str) or isinstance(v_init, bool):
-            raise OptionError(f"v_init={v_init!r}; give a number (in units of the threshold) or 'half'")
-        if (self.mode.kind == "search" or bias_correction or potential_correction) and target_T is None:
-            raise OptionError('mode="search" and the bias and potential corrections work for a number of '
-                              'timesteps: give target_T')
-        if maxpool not in STRATEGIES:
-            raise OptionError(f"maxpool={maxpool!r}; use one of {', '.join(STRATEGIES)}")
-        if reset_mode not in if_neuron.RESET_MODES:
-            raise OptionError(f"reset_mode={reset_mode!r}; use one of {', '.join(if_neuron.RESET_MODES)}")
-        if exporter not in EXPORTERS:
-            raise OptionError(f"exporter={exporter!r}; use one of {', '.join(EXPORTERS)}")
-        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size <= 0:
-            raise OptionError(f"batch_size={batch_size!r} must be a positive integer")
-        if bins is not None and (not isinstance(bins, int) or bins < 2 or bins & (bins - 1)):
-            raise OptionError(f"bins={bins!r} must be a power of two >= 2")
-        if not np.isfinite(v_init) or not np.isfinite(v_reset):
-            raise OptionError("v_init and v_reset must be finite numbers")
-        self.dataloader, self.fuse_flag, self.per_channel = dataloader, fuse_flag, per_channel
-        self.maxpool, self.reset_mode, self.v_reset, self.v_init = maxpool, reset_mode, v_reset, v_init
-        self.batch_size, self.bins, self.exporter, self.progress = batch_size, bins, exporter, progress
-        self.target_T, self.bias_correction, self.potential_correction = target_T, bias_correction, potential_correction
-        if output_decoding not in ("analog", "spikes"):
-            raise OptionError(f"output_decoding={output_decoding!r}; use 'analog' or 'spikes'")
-        self.output_decoding = output_decoding
-        if not isinstance(fold_scales, bool):
-            raise OptionError(f"fold_scales={fold_scales!r} must be True or False")
-        self.fold_scales = fold_scales
-        self.report: list[dict] = []
+        self.config = ConvertOptions.resolve(
+            mode, fuse_flag=fuse_flag, per_channel=per_channel, maxpool=maxpool, reset_mode=reset_mode,
+            v_reset=v_reset, v_init=v_init, batch_size=batch_size, bins=bins, exporter=exporter, progress=progress,
+            target_T=target_T, bias_correction=bias_correction, potential_correction=potential_correction,
+            output_decoding=output_decoding, fold_scales=fold_scales)
+        if self.config.preset:
+            log.info("target_T=%d without a mode: the preset %s", target_T, self.config.describe())
+        self.dataloader = dataloader
+        self.record: ConversionRecord | None = None
+
+    @property
+    def mode(self):
+        return self.config.mode
+
+    @property
+    def preset(self) -> bool:
+        return self.config.preset
+
+    @property
+    def report(self) -> list[dict]:
+        """Per neuron layer after a conversion: node, op, output, lambda, max, share above lambda."""
+        return [] if self.record is None else [site.to_json() for site in self.record.sites]
 
     def options(self) -> dict:
-        return {"mode": str(self.mode), "fuse_flag": self.fuse_flag, "per_channel": self.per_channel,
-                "maxpool": self.maxpool, "reset_mode": self.reset_mode, "v_reset": self.v_reset,
-                "v_init": self.v_init, "target_T": self.target_T, "bias_correction": self.bias_correction,
-                "potential_correction": self.potential_correction, "output_decoding": self.output_decoding,
-                "fold_scales": self.fold_scales, "preset": self.preset}
+        """The options as the step model records them."""
+        return self.config.recorded()
 
     def passes(self, source_sha256: str = "", neuron: str = "if") -> list[Pass]:
         """The pipeline, in order. ``neuron="analog"`` builds the rescaled ANN instead (for checks)."""
+        options = self.config
         pipeline: list[Pass] = [Canonicalize(), DropOutputSoftmax(), CheckSupport()]
-        if self.fuse_flag:
+        if options.fuse_flag:
             pipeline.append(FoldBatchNorm())
-        if self.output_decoding == "spikes":
+        if options.output_decoding == "spikes":
             pipeline.append(AddOutputNeurons())
-        pipeline += [
-            PlaceMaxPool(self.maxpool),
-            Calibrate(self.dataloader, self.mode, per_channel=self.per_channel, batch_size=self.batch_size,
-                      bins=self.bins, progress=self.progress, target_T=self.target_T, v_init=self.v_init),
-            InsertNeurons(neuron, reset_mode=self.reset_mode, v_reset=self.v_reset, v_init=self.v_init,
-                          maxpool=self.maxpool),
-        ]
-        if neuron == "if" and (self.bias_correction or self.potential_correction):
-            pipeline.append(CorrectBias(self.dataloader, self.target_T, bias=self.bias_correction,
-                                        potential=self.potential_correction, batch_size=self.batch_size))
-        if self.fold_scales:
+        pipeline += [PlaceMaxPool(options), Calibrate(self.dataloader, options), InsertNeurons(neuron, options)]
+        if neuron == "if" and (options.bias_correction or options.potential_correction):
+            pipeline.append(CorrectBias(self.dataloader, options))
+        if options.fold_scales:
             pipeline.append(FoldScales())
         if neuron == "if":
-            pipeline += [WriteStepModel(source_sha256, self.options()), EmbedRuntimeForm()]
+            pipeline += [WriteStepModel(source_sha256), EmbedRuntimeForm()]
         return pipeline
 
     def __call__(self, model: Any, example_input: Any = None, *, neuron: str = "if") -> onnx.ModelProto:
         source, sha = self.load_source(model, example_input)
-        result = PassManager(self.passes(sha, neuron))(source).model
-        meta = {p.key: p.value for p in result.metadata_props}
-        self.report = json.loads(meta.get(KEY_CALIBRATION, "{}")).get("layers", [])
-        return result
+        result = PassManager(self.passes(sha, neuron))(source, ConversionRecord(self.config))
+        self.record = result.record
+        return result.model
 
     def load_source(self, model: Any, example_input: Any = None) -> tuple[onnx.ModelProto, str]:
         """(ONNX model, SHA-256 of the source) from any accepted model form."""
         if is_torch_module(model):
             if example_input is None and self.dataloader is not None:
                 example_input = first_input(self.dataloader)
-            proto = export_module(model, example_input, exporter=self.exporter)
+            proto = export_module(model, example_input, exporter=self.config.exporter)
             return io.load(proto)
         return io.load(model)

@@ -1,6 +1,8 @@
 """Errors the converter raises on purpose. Each message names the node, op or value and says what to do."""
 from onnx_snn_runtime.errors import DataError, OnnxSnnError
 
+from .op_sets import SUPPORTED_OPS
+
 __all__ = ["OnnxSnnError", "DataError", "ModelLoadError", "ModelWeightsError", "UnsupportedOpError",
            "OptionError", "CalibrationError", "PassError"]
 
@@ -17,7 +19,6 @@ class UnsupportedOpError(OnnxSnnError):
     """The graph holds an operator (or an operator use) that has no faithful SNN equivalent here."""
 
     def __init__(self, node_name: str, op_type: str, why: str):
-        from .support import SUPPORTED_OPS
         self.node_name, self.op_type = node_name, op_type
         super().__init__(f"node {node_name!r} (op {op_type}) {why}. Supported ops: "
                          f"{', '.join(sorted(SUPPORTED_OPS))}. Replace it in the source model or "

@@ -7,6 +7,8 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx import helper
 
+from .errors import OnnxSnnError
+
 # onnxruntime loads IR <= 13 (1.31); we write the smallest IR the model's opsets allow, never below 9
 # (model-local function attribute defaults need 9), so older runtimes load our models too.
 MIN_IR_VERSION = 9
@@ -95,3 +97,18 @@ def unique_name(graph: gs.Graph, base: str) -> str:
 def is_standard(node: gs.Node) -> bool:
     """True for an op of the default ONNX domain (graphsurgeon reports it as None or '')."""
     return node.domain in (None, "", "ai.onnx")
+
+
+def np_dtype(tensor: gs.Tensor) -> np.dtype:
+    """The tensor's element type, float32 where unknown."""
+    return np.dtype(tensor.dtype) if tensor.dtype is not None else np.dtype(np.float32)
+
+
+def state_shape(node_name: str, tensor: gs.Tensor) -> list:
+    """The shape of a state holding ``tensor`` per sample: None for the batch axis, ints after."""
+    shape = tensor.shape
+    if shape is None or not shape or not all(isinstance(d, int) for d in shape[1:]):
+        raise OnnxSnnError(f"the output of {node_name!r} has shape {shape}, not known apart from the batch "
+                           "dimension, so its state cannot be allocated. Export the model with static "
+                           "sizes for all but the batch axis")
+    return [None] + [int(d) for d in shape[1:]]

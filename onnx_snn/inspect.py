@@ -16,34 +16,28 @@ from collections import Counter
 import numpy as np
 import onnx
 
-from onnx_snn_runtime.format import KEY_FORMAT, KEY_RUNTIME_FORM, StepModelSpec
+from onnx_snn_runtime.format import KEY_FORMAT, KEY_RUNTIME_FORM, StepModelSpec, metadata
 
 from .errors import UnsupportedOpError
 from .graph import import_graph
 from .io import load
 from .ops import if_neuron
+from .passes.base import PassManager
 from .passes.canonicalize import Canonicalize
 from .passes.fold_batchnorm import FoldBatchNorm
 from .passes.output_softmax import DropOutputSoftmax
 from .support import NEURON_OPS, activation_tensors, check_node
-
-
-def table(rows: list[tuple], header: tuple) -> str:
-    rows = [tuple(str(c) for c in header)] + [tuple(str(c) for c in r) for r in rows]
-    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+from .tables import lambda_text, table
 
 
 def is_step_model(model: onnx.ModelProto) -> bool:
-    return any(p.key == KEY_FORMAT for p in model.metadata_props)
+    return KEY_FORMAT in metadata(model.metadata_props)
 
 
 def inspect_ann(model: onnx.ModelProto) -> dict:
     """{ops, neurons, batchnorms, unsupported} for an ANN, after the converter's canonicalization."""
     # the converter's own first passes: a Softmax at an output is dropped, not refused
-    canonical = DropOutputSoftmax()(Canonicalize()(model).model).model
+    canonical = PassManager([Canonicalize(), DropOutputSoftmax()], check=False)(model).model
     graph = import_graph(canonical)
     graph.toposort()
     carrying = activation_tensors(graph)
@@ -62,12 +56,9 @@ def inspect_ann(model: onnx.ModelProto) -> dict:
     bns = [n for n in graph.nodes if n.op == "BatchNormalization"]
     if bns:
         try:
-            folded = import_graph(FoldBatchNorm()(canonical).model)
-            affine = {n.name for n in folded.nodes}
-            for bn in bns:
-                producer = bn.inputs[0].inputs[0].name if bn.inputs[0].inputs else None
-                becomes = "per-channel Mul+Add" if f"{bn.name}.mul" in affine else f"folds into {producer}"
-                batchnorms.append({"node": bn.name, "becomes": becomes})
+            for fold in FoldBatchNorm()(canonical).record.batchnorms:
+                becomes = f"folds into {fold.into}" if fold.into else "per-channel Mul+Add"
+                batchnorms.append({"node": fold.node, "becomes": becomes})
         except UnsupportedOpError as e:  # e.g. a BatchNorm in training mode
             batchnorms = [{"node": bn.name, "becomes": f"refused: {e}"} for bn in bns]
     return {"ops": dict(Counter(n.op for n in graph.nodes)), "neurons": neurons, "batchnorms": batchnorms,
@@ -82,14 +73,9 @@ def _init_text(init) -> str:
     return f"per neuron, mean {a.mean():.3g} in [{a.min():.3g}, {a.max():.3g}]"
 
 
-def _lambda_text(lam) -> str:
-    a = np.asarray(lam, dtype=np.float64)
-    return f"{float(a):.4g}" if a.ndim == 0 else f"{a.min():.3g}..{a.max():.3g} ({a.size} ch)"
-
-
 def inspect_step_model(model: onnx.ModelProto) -> dict:
     """{nodes, layers, options, outputs, runtime_form} for a step model."""
-    meta = {p.key: p.value for p in model.metadata_props}
+    meta = metadata(model.metadata_props)
     spec = StepModelSpec.from_metadata(meta)
     nodes = [{"op": (f"{n.domain}." if n.domain else "") + n.op_type, "name": n.name,
               "inputs": [i for i in n.input if i], "outputs": list(n.output)} for n in model.graph.node]
@@ -138,7 +124,7 @@ def format_report(report: dict) -> str:
            "converter options: " + json.dumps(opts), "",
            table([(i, n["op"], n["name"], ", ".join(n["inputs"]), ", ".join(n["outputs"]))
                   for i, n in enumerate(report["nodes"])], ("#", "op", "name", "inputs", "outputs")), "",
-           table([(L["state"], L["kind"], L["layer"], _lambda_text(L["lambda"]) if L["lambda"] is not None else "-",
+           table([(L["state"], L["kind"], L["layer"], lambda_text(L["lambda"]) if L["lambda"] is not None else "-",
                    L["threshold"] if L["threshold"] is not None else "-", L["shape"], L["init"], L["reset"])
                   for L in report["layers"]],
                  ("state", "kind", "layer", "lambda", "threshold", "shape", "initial potential", "reset"))]

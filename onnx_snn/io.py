@@ -14,7 +14,9 @@ from google.protobuf.message import DecodeError
 from .errors import ModelLoadError, OnnxSnnError
 
 log = logging.getLogger(__name__)
-_PROTOBUF_LIMIT = 2**31 - 1 - (64 << 20)  # leave headroom below protobuf's 2 GiB message limit
+# Protobuf's 2 GiB message limit, less headroom: past it a step model is saved with external data,
+# and a source model is refused (the converter builds its sessions from serialized bytes).
+PROTOBUF_LIMIT = 2**31 - 1 - (64 << 20)
 
 
 def load(source: str | os.PathLike | bytes | onnx.ModelProto) -> tuple[onnx.ModelProto, str]:
@@ -106,7 +108,7 @@ def save(model: onnx.ModelProto, path: str | os.PathLike) -> Path:
     path = Path(path)
     if not path.parent.is_dir():
         raise OnnxSnnError(f"cannot write {path}: {path.parent} is not an existing folder; create it first")
-    large = model.ByteSize() > _PROTOBUF_LIMIT
+    large = model.ByteSize() > PROTOBUF_LIMIT
     try:
         tmpdir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     except OSError as e:

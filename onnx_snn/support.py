@@ -13,16 +13,7 @@ import onnx_graphsurgeon as gs
 
 from .errors import ModelWeightsError, UnsupportedOpError
 from .graph import const, is_standard
-
-NEURON_OPS = {"Relu", "Clip"}
-LINEAR_OPS = {"Conv", "ConvTranspose", "Gemm", "MatMul", "Add", "Sub", "Mul", "Div", "Sum", "Neg",
-              "BatchNormalization", "AveragePool", "GlobalAveragePool", "ReduceMean", "ReduceSum",
-              "Concat", "Flatten", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Pad", "Slice",
-              "Split", "Identity", "Dropout"}
-MAX_OPS = {"MaxPool", "GlobalMaxPool"}
-OUTPUT_ONLY_OPS = {"Softmax", "LogSoftmax"}
-SHAPE_OPS = {"Shape", "Size"}  # read an activation's shape only
-SUPPORTED_OPS = NEURON_OPS | LINEAR_OPS | MAX_OPS | OUTPUT_ONLY_OPS | SHAPE_OPS
+from .op_sets import LINEAR_OPS, MAX_OPS, NEURON_OPS, OUTPUT_ONLY_OPS, SHAPE_OPS, SUPPORTED_OPS  # noqa: F401
 
 
 def activation_tensors(graph: gs.Graph) -> set[str]:

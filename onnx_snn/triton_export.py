@@ -80,7 +80,7 @@ def _triton_type(value_info: onnx.ValueInfoProto) -> str:
 
 def triton_model(step: onnx.ModelProto) -> tuple[onnx.ModelProto, list[TritonState], StepModelSpec]:
     """The step model with START resets and output accumulators, and its implicit states."""
-    spec = StepModelSpec.from_metadata({p.key: p.value for p in step.metadata_props})
+    spec = StepModelSpec.from_model(step)
     if not spec.states:
         raise OnnxSnnError("the model has no states (no neuron): serve it as a stateless model instead")
     model = onnx.ModelProto()

@@ -1,9 +1,13 @@
 import logging
+import os
 from pathlib import Path
 
 import pytest
 
 from onnx_snn_runtime.datasets import load_fashion_mnist
+
+# every conversion in the tests checks each pass's guarantee on its result (PassManager, passes.base)
+os.environ.setdefault("ONNX_SNN_CHECK_PASSES", "1")
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE_ONNX = ROOT / "models" / "sample_cnn.onnx"

@@ -226,8 +226,8 @@ def test_a_model_past_the_protobuf_limit_is_written_with_its_data_beside(bundled
     """A step model over 2 GiB is saved with external data; lowering the threshold exercises that
     code path without a 2 GiB model. (Sources over 2 GiB are refused: see the next test.)"""
     from onnx_snn import io
-    monkeypatch.setattr(io, "_PROTOBUF_LIMIT", 1000)
     snn = onnx_snn.Converter(bundled[0][:32], progress=False)(SAMPLE_ONNX)
+    monkeypatch.setattr(io, "PROTOBUF_LIMIT", 1000)
     out = io.save(snn, tmp_path / "big.snn.onnx")
     assert (tmp_path / "big.snn.onnx.data").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["big.snn.onnx", "big.snn.onnx.data"]
@@ -305,15 +305,15 @@ def test_valid_torch_exports_convert(name, bundled):
 
 def test_saving_a_large_model_leaves_the_callers_model_intact(bundled, tmp_path, monkeypatch):
     from onnx_snn import io
-    monkeypatch.setattr(io, "_PROTOBUF_LIMIT", 1000)
     snn = onnx_snn.Converter(bundled[0][:32], progress=False)(SAMPLE_ONNX)
+    monkeypatch.setattr(io, "PROTOBUF_LIMIT", 1000)
     io.save(snn, tmp_path / "a.snn.onnx")
     io.save(snn, tmp_path / "b.snn.onnx")  # failed before: the first save emptied the tensors
     assert (tmp_path / "b.snn.onnx.data").stat().st_size == (tmp_path / "a.snn.onnx.data").stat().st_size
 
 
 def test_a_source_model_over_2_gib_is_refused_with_the_reason(monkeypatch, bundled):
-    from onnx_snn.passes import canonicalize
-    monkeypatch.setattr(canonicalize, "_SESSION_CHECK_LIMIT", 1000)
+    from onnx_snn import io
+    monkeypatch.setattr(io, "PROTOBUF_LIMIT", 1000)
     with pytest.raises(ModelLoadError, match="converts models up to 2 GiB"):
         onnx_snn.Converter(bundled[0][:8], progress=False)(SAMPLE_ONNX)

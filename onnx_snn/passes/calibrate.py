@@ -2,9 +2,9 @@
 
 Runs the (folded) ANN with onnxruntime over the calibration data, streams each ReLU/Clip
 output's statistics (``calibration.stats``: bounded memory whatever the dataset size), and
-records per site, in the model's metadata (``onnx_snn.calibration``): lambda (a
-scalar, or one value per channel of axis 1), the exact max, and the share of calibration
-activations above lambda. The graph itself is unchanged.
+records per site a ``NeuronSite`` in the conversion record: lambda (a scalar, or one value per
+channel of axis 1), the exact max, and the share of calibration activations above lambda. The
+graph itself is unchanged.
 
 Two ways to gather the statistics, with the same results up to the histograms' bin width:
 
@@ -17,13 +17,15 @@ Two ways to gather the statistics, with the same results up to the histograms' b
 * the search mode needs the whole distribution: every activation is binned
   (``stats.StreamingHistogram``).
 
-Guarantees: every lambda is finite and > 0; for Clip(0, c) (ReLU6) lambda <= c. A layer that
-never activated gets lambda = 1 and a warning (its neurons then never fire, like the ReLU);
-a dead channel gets the largest lambda of its layer's other channels.
+Guarantees: one site per ReLU/Clip, in topological order; every lambda is finite and > 0; for
+Clip(0, c) (ReLU6) lambda <= c. A layer that never activated gets lambda = 1 and a warning
+(its neurons then never fire, like the ReLU); a dead channel gets the largest lambda of its
+layer's other channels. Calibration inputs that look like unscaled 8-bit images (integers up to
+255 in a float array) and lambdas above ``LARGE_LAMBDA`` get a warning: both usually mean
+the data is not scaled the way the model was trained.
 """
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -34,17 +36,21 @@ from tqdm.auto import tqdm
 
 from ..calibration import probe
 from ..calibration.data import InputSpec, iterate_batches
-from ..calibration.mode import Mode, parse_mode
 from ..calibration.search import search_threshold
 from ..calibration.stats import StreamingHistogram, TailHistogram
-from ..errors import CalibrationError, DataError, OptionError
+from ..errors import CalibrationError, DataError
 from ..graph import import_graph
-from ..model_util import cpu_session, probe_session, with_metadata
+from ..model_util import cpu_session, probe_session
+from ..options import ConvertOptions
+from ..record import Calibration, ConversionRecord, NeuronSite
 from ..support import NEURON_OPS, clip_bounds
-from .base import Pass, PassResult
+from .base import ContractError, Pass, PassResult
 
 log = logging.getLogger(__name__)
-METADATA_KEY = "onnx_snn.calibration"
+
+# A lambda above this is far outside what networks fed inputs in [0, 1] or standardised inputs
+# produce; it usually means unscaled data (a warning, not an error: the data may be right).
+LARGE_LAMBDA = 1000.0
 
 
 # For a q-percentile the first batch's floor leaves FLOOR_TAIL * (1 - q) of its values above it
@@ -93,19 +99,15 @@ def _reiterable(data) -> bool:
 
 
 class Calibrate(Pass):
-    def __init__(self, data, mode="max", *, per_channel: bool = False, batch_size: int = 256,
-                 bins: int | None = None, progress: bool = True, target_T: int | None = None,
-                 v_init: float = 0.0):
-        self.mode: Mode = parse_mode(mode)
-        if self.mode.kind == "search" and not target_T:
-            raise OptionError('mode="search" chooses lambda for a number of timesteps: give target_T')
-        self.target_T, self.v_init = target_T, v_init
-        if not isinstance(batch_size, int) or batch_size <= 0:
-            raise OptionError(f"batch_size={batch_size!r} must be a positive integer")
-        self.data, self.per_channel, self.batch_size = data, per_channel, batch_size
-        self.bins, self.progress = bins, progress
+    def __init__(self, data, options: ConvertOptions | str | None = None, **given):
+        """``options``: the converter's options (or a mode, with other options as keywords)."""
+        options = ConvertOptions.of(options, **given)
+        self.data, self.options = data, options
+        self.mode, self.per_channel, self.batch_size = options.mode, options.per_channel, options.batch_size
+        self.bins, self.progress, self.target_T, self.v_init = options.bins, options.progress, options.target_T, options.v_init
+        self._inputs_seen = _InputRange()
 
-    def call(self, model: onnx.ModelProto) -> PassResult:
+    def call(self, model: onnx.ModelProto, record: ConversionRecord) -> PassResult:
         shaped = with_shapes(model)
         sites = neuron_sites(shaped)
         inits = {t.name for t in model.graph.initializer}
@@ -119,10 +121,34 @@ class Calibrate(Pass):
             hists, samples = self._tails(shaped, inputs, sites)
         else:
             hists, samples = self._dense(model, inputs, sites)
-        layers = [self._scale(site, hist) for site, hist in zip(sites, hists)]
-        record = {"mode": str(self.mode), "per_channel": self.per_channel, "samples": samples,
-                  "layers": layers}
-        return PassResult(with_metadata(model, METADATA_KEY, json.dumps(record)), True)
+        record.sites = [self._scale(site, hist) for site, hist in zip(sites, hists)]
+        record.calibration = Calibration(str(self.mode), self.per_channel, samples)
+        self._warn_if_unscaled(record.sites)
+        return PassResult(model, False, record)
+
+    def ensures(self, model: onnx.ModelProto, record: ConversionRecord) -> None:
+        expected = [s.node for s in neuron_sites(model)]
+        if [s.node for s in record.sites] != expected:
+            raise ContractError(f"sites {[s.node for s in record.sites]} are not the graph's {expected}")
+        for site in record.sites:
+            lam = np.asarray(site.lam, dtype=np.float64)
+            if not (np.isfinite(lam).all() and (lam > 0).all()):
+                raise ContractError(f"{site.node}: lambda {site.lam} is not finite and positive")
+            if site.clip_max is not None and (lam > site.clip_max).any():
+                raise ContractError(f"{site.node}: lambda {site.lam} exceeds its Clip's max {site.clip_max}")
+
+    def _warn_if_unscaled(self, sites: list[NeuronSite]) -> None:
+        seen = self._inputs_seen
+        if not sites:
+            return
+        node, top = max(((s.node, float(np.max(s.lam))) for s in sites), key=lambda p: p[1])
+        if seen.integral and 1.5 < seen.max <= 255:
+            log.warning("the calibration inputs hold only whole numbers up to %g, like unscaled 8-bit images, and "
+                        "give lambda up to %.4g (%s); if the model was trained on inputs in [0, 1], divide the "
+                        "data by 255", seen.max, top, node)
+        elif top > LARGE_LAMBDA:
+            log.warning("layer %s: lambda %.4g is far above the usual range (the calibration inputs reach %g); "
+                        "check that the data is scaled as the model was trained", node, top, seen.max)
 
     def _tail_mode(self) -> bool:
         """Whether the probe pays: fractions, and percentiles whose first-batch tail
@@ -135,7 +161,8 @@ class Calibrate(Pass):
 
     def _batches(self, inputs):
         batches, count = iterate_batches(self.data, inputs, self.batch_size)
-        return tqdm(batches, total=count, desc="calibrating", unit="batch", disable=not self.progress, leave=False)
+        seen = tqdm(batches, total=count, desc="calibrating", unit="batch", disable=not self.progress, leave=False)
+        return (self._inputs_seen.update(feeds) for feeds in seen)
 
     def _run(self, session, outputs, feeds):
         try:
@@ -235,7 +262,7 @@ class Calibrate(Pass):
                 floor[c] = np.nextafter(np.partition(values, k)[k], -np.inf)
         return floor
 
-    def _scale(self, site: Site, hist: StreamingHistogram) -> dict:
+    def _scale(self, site: Site, hist: StreamingHistogram) -> NeuronSite:
         if self.mode.kind == "max":
             lam = hist.max.copy()
         elif self.mode.kind == "percentile":
@@ -261,5 +288,19 @@ class Calibrate(Pass):
                                    "overflow; check the model and data")
         share = 0.0 if self.mode.kind == "max" else float(np.mean(hist.share_above(lam)))
         value = float(lam[0]) if lam.size == 1 else [float(v) for v in lam]
-        return {"node": site.node, "op": site.op, "output": site.output, "lambda": value,
-                "max": layer_max, "share_above": share, "dead_channels": int(dead.sum()) if layer_max > 0 else int(lam.size)}
+        return NeuronSite(site.node, site.op, site.output, value, layer_max, share,
+                          int(dead.sum()) if layer_max > 0 else int(lam.size), site.clip_max)
+
+
+class _InputRange:
+    """The largest |value| of the calibration inputs, and whether all were whole numbers."""
+
+    def __init__(self):
+        self.max, self.integral = 0.0, True
+
+    def update(self, feeds: dict) -> dict:
+        for x in feeds.values():
+            if x.size and np.issubdtype(x.dtype, np.floating):
+                self.max = max(self.max, float(np.abs(x).max()))
+                self.integral = self.integral and bool(np.all(x == np.round(x)))
+        return feeds

@@ -26,18 +26,17 @@ import onnxruntime as ort
 from onnx import helper
 from onnx.reference import ReferenceEvaluator
 
+from .. import io
 from ..errors import ModelLoadError
 from ..graph import bypass, export_model, import_graph, is_standard
 from ..ops import if_neuron
-from .base import Pass, PassResult
+from ..record import ConversionRecord
+from .base import ContractError, Pass, PassResult, check_sorted
 
 log = logging.getLogger(__name__)
 
 # Folding runs numpy's reference ops; beyond this many output elements we leave the node alone.
 _FOLD_LIMIT = 1 << 24
-# Protobuf's 2 GiB message limit (less headroom): every session the converter builds is made
-# from serialized bytes, so a larger model is refused up front.
-_SESSION_CHECK_LIMIT = 2**31 - (64 << 20)
 
 
 @functools.lru_cache(maxsize=1)
@@ -151,13 +150,13 @@ def _constant_node_value(node: gs.Node) -> np.ndarray:
 
 
 class Canonicalize(Pass):
-    def call(self, model: onnx.ModelProto) -> PassResult:
+    def call(self, model: onnx.ModelProto, record: ConversionRecord) -> PassResult:
         if any(n.domain == if_neuron.DOMAIN for n in model.graph.node):
             raise ModelLoadError("the model already contains onnx_snn neurons (it is an SNN step model); "
                                  "convert the original ANN instead")
         if not model.graph.input:
             raise ModelLoadError("the model has no graph inputs; there is nothing to feed it")
-        if model.ByteSize() > _SESSION_CHECK_LIMIT:
+        if model.ByteSize() > io.PROTOBUF_LIMIT:  # every session the converter builds is made from bytes
             raise ModelLoadError(f"the model holds {model.ByteSize() / 2**30:.1f} GiB of weights; onnx-snn converts "
                                  "models up to 2 GiB (its calibration sessions and the step model's runtime form "
                                  "are built from serialized protobuf, which stops at 2 GiB)")
@@ -225,4 +224,18 @@ class Canonicalize(Pass):
         kept = [i for i in out.graph.input if i.name not in inits]
         del out.graph.input[:]
         out.graph.input.extend(kept)
-        return PassResult(infer_shapes(out), True)
+        return PassResult(infer_shapes(out), True, record)
+
+    def ensures(self, model: onnx.ModelProto, record: ConversionRecord) -> None:
+        if default_opset(model) < if_neuron.MIN_ONNX_OPSET:
+            raise ContractError(f"opset {default_opset(model)} < {if_neuron.MIN_ONNX_OPSET}")
+        if model.functions:
+            raise ContractError("model-local functions left")
+        left = [n.name for n in model.graph.node if n.op_type in ("Constant", "Identity", "Dropout")
+                and n.domain in ("", "ai.onnx")]
+        if left:
+            raise ContractError(f"Constant/Identity/Dropout nodes left: {left}")
+        names = [n.name for n in model.graph.node]
+        if "" in names or len(set(names)) != len(names):
+            raise ContractError("node names are not unique and non-empty")
+        check_sorted(model)

@@ -6,12 +6,13 @@ import onnx
 
 from ..graph import import_graph
 from ..support import check_graph
+from ..record import ConversionRecord
 from .base import Pass, PassResult
 
 
 class CheckSupport(Pass):
-    def call(self, model: onnx.ModelProto) -> PassResult:
+    def call(self, model: onnx.ModelProto, record: ConversionRecord) -> PassResult:
         graph = import_graph(model)
         graph.toposort()
         check_graph(graph)
-        return PassResult(model, False)
+        return PassResult(model, False, record)

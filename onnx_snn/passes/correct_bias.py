@@ -17,8 +17,9 @@ potentials become a per-neuron tensor in the state record.
 
 Guarantee: after the pass, each layer's per-channel mean output on the calibration batch
 after ``target_T`` steps is closer to the rescaled ANN's (exactly equal where no neuron of
-the channel saturates or sits at zero); the shifts are recorded per layer (``bias_shift``) in
-the calibration record. Nothing else changes.
+the channel saturates or sits at zero); each ``NeuronSite`` records its shift (``bias_shift``)
+and the ``Add`` node that applies it (``shift``), and its membrane state the initial
+potentials. Nothing else changes.
 
 Cost: no layer is re-simulated for the layers downstream of it. Each layer's output over the
 T steps (its spike train times lambda) is recorded once it is corrected, and each later layer
@@ -31,7 +32,6 @@ output; a per-channel mean over 16 images is still an average over hundreds of v
 """
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from functools import cached_property
@@ -40,15 +40,16 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from onnx_snn_runtime.format import KEY_STATES, State
+from onnx_snn_runtime.format import MEMBRANE, State
 
 from ..calibration.data import InputSpec, iterate_batches
 from ..errors import OnnxSnnError, OptionError
 from ..graph import channel_shape, export_model, import_graph
-from ..model_util import probe_session, with_metadata
+from ..model_util import probe_session
 from ..ops import if_neuron
-from .base import Pass, PassResult
-from .calibrate import METADATA_KEY as CALIBRATION_KEY
+from ..options import ConvertOptions
+from ..record import ConversionRecord, NeuronSite
+from .base import ContractError, Pass, PassResult
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +127,7 @@ def analog_model(model: onnx.ModelProto, states: list[State]) -> onnx.ModelProto
     """The step model with every IF neuron replaced by Clip(0, 1): the rescaled ANN. Running-max
     pools fed zero sums compute a plain MaxPool, so their states stay inputs (fed zeros)."""
     graph = import_graph(model)
-    membrane = {s.input for s in states if s.kind == "membrane"}
+    membrane = {s.input for s in states if s.kind == MEMBRANE}
     for node in [n for n in graph.nodes if n.op == if_neuron.OP_TYPE]:
         current, spikes = node.inputs[0], node.outputs[0]
         node.inputs.clear()
@@ -142,13 +143,26 @@ def analog_model(model: onnx.ModelProto, states: list[State]) -> onnx.ModelProto
 
 
 class CorrectBias(Pass):
-    def __init__(self, data, target_T: int | None, *, bias: bool = True, potential: bool = False,
-                 samples: int = 512, batch_size: int = 256):
-        if not target_T:
+    def __init__(self, data, options: ConvertOptions | None = None, *, samples: int = 512, **given):
+        """Bias correction when ``options.bias_correction``, potential correction when
+        ``options.potential_correction``, for ``options.target_T`` steps."""
+        options = ConvertOptions.of(options or ConvertOptions(), **given)
+        if not options.target_T:
             raise OptionError("bias and potential correction work for a number of timesteps: give target_T")
-        self.data, self.T, self.batch_size = data, target_T, batch_size
-        self.samples = min(samples, max(16, STEP_BUDGET // target_T))
-        self.bias, self.potential = bias, potential
+        self.data, self.T, self.batch_size = data, options.target_T, options.batch_size
+        self.samples = min(samples, max(16, STEP_BUDGET // options.target_T))
+        self.bias, self.potential = options.bias_correction, options.potential_correction
+
+    def requires(self, model: onnx.ModelProto, record: ConversionRecord) -> None:
+        if any(site.state is None or site.scale_in is None for site in record.sites):
+            raise ContractError("CorrectBias needs IF neurons with their input scales (run InsertNeurons with "
+                                "neuron='if', before FoldScales)")
+
+    def ensures(self, model: onnx.ModelProto, record: ConversionRecord) -> None:
+        names = {n.name for n in model.graph.node}
+        for site in record.sites:
+            if self.bias and (site.shift not in names or site.bias_shift is None):
+                raise ContractError(f"{site.node}: no bias shift recorded in the graph")
 
     def _inputs(self, model: onnx.ModelProto, states: list[State]) -> dict[str, np.ndarray]:
         skip = {t.name for t in model.graph.initializer} | {s.input for s in states}
@@ -164,14 +178,11 @@ class CorrectBias(Pass):
                 break
         return {k: np.concatenate(v)[: self.samples] for k, v in taken.items()}
 
-    def call(self, model: onnx.ModelProto) -> PassResult:
-        meta = {p.key: p.value for p in model.metadata_props}
-        states = [State.from_json(d) for d in json.loads(meta[KEY_STATES])]
-        record = json.loads(meta[CALIBRATION_KEY])
-        layers = record["layers"]
-        outputs = [e["output"] for e in layers]
+    def call(self, model: onnx.ModelProto, record: ConversionRecord) -> PassResult:
+        states, layers = record.states, record.sites
+        outputs = [site.output for site in layers]
         feeds = self._inputs(model, states)
-        zeros = {s.input: s.initial(len(next(iter(feeds.values())))) * 0 for s in states if s.kind != "membrane"}
+        zeros = {s.input: s.initial(len(next(iter(feeds.values())))) * 0 for s in states if s.kind != MEMBRANE}
         targets = probe_session(analog_model(model, states), outputs).run(outputs, {**feeds, **zeros})
         boundary = set(outputs)
         graph = import_graph(model)
@@ -179,43 +190,45 @@ class CorrectBias(Pass):
         for k, name in enumerate(outputs):
             for fed in ancestry(graph, name, boundary)[1]:
                 if outputs.index(fed) > k:  # Calibrate lists the layers in graph order
-                    raise OnnxSnnError(f"bias correction: layer {layers[k]['node']} reads {fed}, which "
+                    raise OnnxSnnError(f"bias correction: layer {layers[k].node} reads {fed}, which "
                                        "comes later in the calibration record; please report this model")
                 last_use[fed] = k
-        membrane = {s.layer: s for s in states if s.kind == "membrane"}
         trains: dict[str, np.ndarray] = {}
         for k, (entry, target) in enumerate(zip(layers, targets)):
-            part = segment(model, states, entry["output"], boundary)
+            part = segment(model, states, entry.output, boundary)
             if self.bias:
                 snn = part.run(feeds, trains, self.T, record=False)
                 axes = tuple(i for i in range(target.ndim) if i != 1) if target.ndim >= 2 else None
                 shift = np.asarray((target - snn).mean(axis=axes), dtype=np.float64)
                 model = self._add_shift(model, entry, shift)
-                part = segment(model, states, entry["output"], boundary)
-                entry["bias_shift"] = float(shift) if shift.ndim == 0 else [float(v) for v in shift]
-                log.info("bias correction %s: mean shift %.4g", entry["node"], float(np.mean(shift)))
+                part = segment(model, states, entry.output, boundary)
+                entry.bias_shift = float(shift) if shift.ndim == 0 else [float(v) for v in shift]
+                log.info("bias correction %s: mean shift %.4g", entry.node, float(np.mean(shift)))
             if self.potential:
                 gap = (target - part.run(feeds, trains, self.T, record=False)).mean(axis=0)
-                state = membrane[entry["node"]]
-                lam = np.asarray(entry["lambda"], dtype=np.float64)
+                state = entry.state
+                lam = np.asarray(entry.lam, dtype=np.float64)
                 lam = channel_shape(lam, gap.ndim + 1) if lam.ndim else lam
                 state.init = np.clip(np.asarray(state.init) + self.T * gap / lam, 0.0, 1.0).astype(np.float32)
-            if last_use.get(entry["output"], -1) > k:
-                trains[entry["output"]] = part.run(feeds, trains, self.T, record=True)
+            if last_use.get(entry.output, -1) > k:
+                trains[entry.output] = part.run(feeds, trains, self.T, record=True)
             for name in [n for n in trains if last_use[n] <= k]:
                 del trains[name]
-        model = with_metadata(model, KEY_STATES, json.dumps([s.to_json() for s in states]))
-        return PassResult(with_metadata(model, CALIBRATION_KEY, json.dumps(record)), True)
+        return PassResult(model, True, record)
 
     @staticmethod
-    def _add_shift(model: onnx.ModelProto, entry: dict, shift: np.ndarray) -> onnx.ModelProto:
+    def _add_shift(model: onnx.ModelProto, site: NeuronSite, shift: np.ndarray) -> onnx.ModelProto:
+        """An ``Add(shift)`` between the layer's pre-activation and its ``scale_in``."""
         graph = import_graph(model)
-        scale_in = next(n for n in graph.nodes if n.name == f"snn.{entry['node']}.scale_in")
+        scale_in = next(n for n in graph.nodes if n.name == site.scale_in)
         z = scale_in.inputs[0]
         rank = len(z.shape) if z.shape is not None else 2
-        shifted = gs.Variable(f"snn.{entry['node']}.shifted", dtype=z.dtype, shape=z.shape)
+        base = f"snn.{site.node}"
+        shifted = gs.Variable(f"{base}.shifted", dtype=z.dtype, shape=z.shape)
         value = channel_shape(shift, rank) if shift.ndim else shift
-        graph.nodes.append(gs.Node("Add", f"snn.{entry['node']}.bias_shift", inputs=[
-            z, gs.Constant(f"snn.{entry['node']}.bias_shift_value", np.asarray(value, np.float32))], outputs=[shifted]))
+        add = gs.Node("Add", f"{base}.bias_shift", inputs=[
+            z, gs.Constant(f"{base}.bias_shift_value", np.asarray(value, np.float32))], outputs=[shifted])
+        graph.nodes.append(add)
         scale_in.inputs[0] = shifted
+        site.shift = add.name
         return export_model(graph, model)

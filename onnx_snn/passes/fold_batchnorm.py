@@ -20,7 +20,8 @@ import onnx_graphsurgeon as gs
 
 from ..errors import ModelLoadError, UnsupportedOpError
 from ..graph import bypass, channel_shape, const, export_model, import_graph, producer, rank, sole_consumer, unique_name
-from .base import Pass, PassResult
+from ..record import BatchNormFold, ConversionRecord
+from .base import OK, Check, ContractError, Pass, PassResult, fail
 
 log = logging.getLogger(__name__)
 
@@ -78,10 +79,10 @@ def _mismatch(node, channels: int, s: np.ndarray) -> ModelLoadError:
                           f"scale applied to its output has {len(s)}; the model is malformed")
 
 
-def _fold_conv(graph, conv, s, t) -> bool:
+def _fold_conv(graph, conv, s, t) -> Check:
     w = const(conv.inputs[1])
     if w is None:
-        return False
+        return fail(f"{conv.name}'s weights are not constant")
     channels = w.shape[0] if conv.op == "Conv" else w.shape[1] * int(conv.attrs.get("group", 1))
     if channels != len(s):
         raise _mismatch(conv, channels, s)
@@ -94,51 +95,51 @@ def _fold_conv(graph, conv, s, t) -> bool:
         w_new = (w64.reshape((g, cin // g, cout_g) + w.shape[2:])
                  * s.reshape((g, 1, cout_g) + (1,) * (w.ndim - 2))).reshape(w.shape)
     _set_weight_and_bias(graph, conv, w_new, _bias(conv, 2, len(s)) * s + t, w.dtype)
-    return True
+    return OK
 
 
-def _fold_gemm(graph, gemm, s, t) -> bool:
+def _fold_gemm(graph, gemm, s, t) -> Check:
     b = const(gemm.inputs[1])
     if b is None:
-        return False
+        return fail(f"{gemm.name}'s weights are not constant")
     n = len(s)
     if b.ndim != 2 or b.shape[0 if gemm.attrs.get("transB", 0) else 1] != n:
         raise _mismatch(gemm, b.shape[0 if gemm.attrs.get("transB", 0) else 1] if b.ndim == 2 else -1, s)
     c = _bias(gemm, 2, n) * float(gemm.attrs.get("beta", 1.0))
     if c.ndim == 2 and c.shape[0] != 1 or c.size not in (1, n):
-        return False  # bias varies along the batch: not foldable into a per-feature bias
+        return fail(f"{gemm.name}'s bias varies along the batch")
     b64 = b.astype(np.float64)
     b_new = b64 * (s[:, None] if gemm.attrs.get("transB", 0) else s[None, :])
     c_new = np.broadcast_to(c.reshape(-1), (n,)) * s + t
     _set_weight_and_bias(graph, gemm, b_new, c_new, b.dtype)
     gemm.attrs["beta"] = 1.0
-    return True
+    return OK
 
 
-def _fold_matmul(graph, node, s, t) -> bool:
+def _fold_matmul(graph, node, s, t) -> Check:
     """MatMul(x, W) or MatMul(x, W) -> Add(b), 2-D output: scale W's columns, fold t into the bias."""
-    if rank(node.outputs[0]) != 2:
-        return False  # BN's channel axis is the weight's column axis only for a [N, F] input
+    if rank(node.outputs[0]) != 2:  # the channel axis is the weight's column axis only for [N, F]
+        return fail(f"{node.name}'s output is not 2-D [N, F]")
     add = None
     if node.op == "Add":
         add, bias_index = node, next((i for i in (0, 1) if const(node.inputs[i]) is not None), None)
         mm = producer(node.inputs[1 - bias_index]) if bias_index is not None else None
         if mm is None or mm.op != "MatMul" or sole_consumer(graph, mm.outputs[0]) is not add:
-            return False
+            return fail(f"{node.name} is not the sole reader of a MatMul, plus a constant bias")
         bias = const(add.inputs[bias_index]).astype(np.float64)
         if bias.size not in (1, len(s)) or bias.ndim > 1 and bias.shape[0] != 1:
-            return False
+            return fail(f"{node.name}'s bias is not per feature")
     else:
         mm, bias = node, np.zeros(1)
     w = const(mm.inputs[1])
     if w is None or w.ndim != 2 or rank(mm.outputs[0]) != 2:
-        return False  # BN's channel axis is the weight's column axis only for [N, F] outputs
+        return fail(f"{mm.name}'s weight is not a constant matrix with a 2-D output")
     if w.shape[1] != len(s):
         raise _mismatch(mm, w.shape[1], s)
     mm.inputs[1] = _new_const(graph, f"{mm.name}.weight_bn", w.astype(np.float64) * s[None, :], w.dtype)
     b_values = np.broadcast_to(bias.reshape(-1), s.shape) * s + t
     if add is None and not b_values.any():
-        return True  # a pure scale (a neuron's input scale): no bias to add
+        return OK  # a pure scale (a neuron's input scale): no bias to add
     b_new = _new_const(graph, f"{mm.name}.bias_bn", b_values, w.dtype)
     if add is not None:
         add.inputs[bias_index] = b_new
@@ -147,24 +148,30 @@ def _fold_matmul(graph, node, s, t) -> bool:
         old = mm.outputs[0]
         mm.outputs[0] = out
         graph.nodes.append(gs.Node("Add", f"{mm.name}.bias_add", inputs=[out, b_new], outputs=[old]))
-    return True
+    return OK
 
 
 _FOLDERS = {"Conv": _fold_conv, "ConvTranspose": _fold_conv, "Gemm": _fold_gemm,
             "MatMul": _fold_matmul, "Add": _fold_matmul}
 
 
-def fold_into_producer(graph: gs.Graph, x: gs.Tensor, reader: gs.Node, s: np.ndarray, t: np.ndarray) -> bool:
+def fold_into_producer(graph: gs.Graph, x: gs.Tensor, reader: gs.Node, s: np.ndarray, t: np.ndarray) -> Check:
     """Fold the per-channel affine ``s * x + t`` (float64 vectors along axis 1) into the layer
     that produces ``x``, when that is a Conv/ConvTranspose/Gemm/MatMul with constant weights and
-    ``reader`` is the only reader of ``x``. Returns whether it did; the caller then bypasses
-    ``reader``. Used for BatchNorm here and for the neurons' input scales (``passes.fold_scales``)."""
+    ``reader`` is the only reader of ``x``. Returns whether it did (else why not); the caller
+    then bypasses ``reader``. Used for BatchNorm here and for the neurons' input scales
+    (``passes.fold_scales``)."""
     prev = producer(x)
-    folder = _FOLDERS.get(prev.op) if prev is not None else None
-    return folder is not None and sole_consumer(graph, x) is reader and folder(graph, prev, s, t)
+    if prev is None:
+        return fail(f"{x.name} is a graph input")
+    if prev.op not in _FOLDERS:
+        return fail(f"{x.name} comes from {prev.op} {prev.name}, not a Conv, ConvTranspose, Gemm or MatMul")
+    if sole_consumer(graph, x) is not reader:
+        return fail(f"{x.name} has readers other than {reader.name}")
+    return _FOLDERS[prev.op](graph, prev, s, t)
 
 
-def _to_affine(graph, bn, s, t) -> None:
+def _to_affine(graph, bn, s, t) -> list[str]:
     x = bn.inputs[0]
     r = rank(x)
     if r is None:
@@ -173,14 +180,18 @@ def _to_affine(graph, bn, s, t) -> None:
     dtype = const(bn.inputs[1]).dtype
     scaled = gs.Variable(unique_name(graph, f"{bn.name}.scaled"), dtype=bn.outputs[0].dtype, shape=x.shape)
     y = bn.outputs[0]
-    graph.nodes.append(gs.Node("Mul", f"{bn.name}.mul", inputs=[x, _new_const(graph, f"{bn.name}.scale", channel_shape(s, r), dtype)], outputs=[scaled]))
-    graph.nodes.append(gs.Node("Add", f"{bn.name}.add", inputs=[scaled, _new_const(graph, f"{bn.name}.shift", channel_shape(t, r), dtype)], outputs=[y]))
+    mul = gs.Node("Mul", f"{bn.name}.mul", inputs=[x, _new_const(graph, f"{bn.name}.scale", channel_shape(s, r), dtype)],
+                  outputs=[scaled])
+    add = gs.Node("Add", f"{bn.name}.add", inputs=[scaled, _new_const(graph, f"{bn.name}.shift", channel_shape(t, r), dtype)],
+                  outputs=[y])
+    graph.nodes += [mul, add]
     bn.outputs.clear()
     bn.inputs.clear()
+    return [mul.name, add.name]
 
 
 class FoldBatchNorm(Pass):
-    def call(self, model: onnx.ModelProto) -> PassResult:
+    def call(self, model: onnx.ModelProto, record: ConversionRecord) -> PassResult:
         graph = import_graph(model)
         bns = [n for n in graph.nodes if n.op == "BatchNormalization"]
         for bn in bns:
@@ -188,13 +199,20 @@ class FoldBatchNorm(Pass):
                 bn.outputs.pop()  # running statistics of inference-mode exports are unused
             s, t = bn_scale_shift(bn)
             x = bn.inputs[0]
-            if fold_into_producer(graph, x, bn, s, t):
+            check = fold_into_producer(graph, x, bn, s, t)
+            if check:
                 bypass(graph, bn, x)  # x has no other reader and is no graph input: always possible
+                record.batchnorms.append(BatchNormFold(bn.name, producer(x).name))
                 log.info("folded %s into %s", bn.name, producer(x).name)
             else:
-                _to_affine(graph, bn, s, t)
-                log.info("turned %s into a per-channel affine", bn.name)
+                record.batchnorms.append(BatchNormFold(bn.name, None, _to_affine(graph, bn, s, t)))
+                log.info("turned %s into a per-channel affine: %s", bn.name, check.reason)
         if not bns:
-            return PassResult(model, False)
-        return PassResult(export_model(graph, model), True)
+            return PassResult(model, False, record)
+        return PassResult(export_model(graph, model), True, record)
+
+    def ensures(self, model: onnx.ModelProto, record: ConversionRecord) -> None:
+        left = [n.name for n in model.graph.node if n.op_type == "BatchNormalization"]
+        if left:
+            raise ContractError(f"BatchNormalization left: {left}")
 

@@ -1,9 +1,10 @@
 """Scale-folding pass: move the neurons' threshold scaling into the neighbouring weights.
 
-``InsertNeurons`` writes every neuron as ``Mul(1/λ) -> neuron -> Mul(λ)`` (nodes named
-``snn.<layer>.scale_in`` and ``snn.<layer>.scale_out``), SpikingJelly's VoltageScaler ->
-IFNode -> VoltageScaler. Each Mul is a full pass over the layer's activations at every
-timestep; folded into a weight it costs nothing.
+``InsertNeurons`` writes every neuron as ``Mul(1/λ) -> neuron -> Mul(λ)`` (the nodes each
+``NeuronSite`` names ``scale_in`` and ``scale_out``), SpikingJelly's VoltageScaler -> IFNode ->
+VoltageScaler. Each Mul is a full pass over the layer's activations at every timestep; folded
+into a weight it costs nothing. A folded Mul's name is cleared from its site and listed in
+``ConversionRecord.folded_scales``; a Mul kept says why in the debug log.
 
 Guarantees: the model computes the same function to float32 rounding (the algebra is done in
 float64), state shapes and meanings are unchanged (a membrane still sees z / λ), and a Mul is
@@ -32,7 +33,8 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from ..graph import bypass, const, export_model, import_graph, producer, sole_consumer, unique_name
-from .base import Pass, PassResult
+from ..record import ConversionRecord
+from .base import OK, Check, ContractError, Pass, PassResult, fail
 from .fold_batchnorm import fold_into_producer
 
 log = logging.getLogger(__name__)
@@ -62,28 +64,36 @@ def _per_channel(factor: np.ndarray, tensor: gs.Tensor) -> np.ndarray | None:
     return np.broadcast_to(full.astype(np.float64).reshape(-1), (shape[1],)).copy()
 
 
-def _fold_input(graph: gs.Graph, mul: gs.Node) -> bool:
+def _bypassed(graph: gs.Graph, node: gs.Node, keep: gs.Tensor) -> Check:
+    return OK if bypass(graph, node, keep) else fail(f"{keep.name} is a graph input or output")
+
+
+def _fold_input(graph: gs.Graph, mul: gs.Node) -> Check:
     operands = _const_operand(mul)
     if operands is None:
-        return False
+        return fail("it does not have exactly one constant operand")
     x, factor = operands
     s = _per_channel(factor, x)
     if s is None:
-        return False
+        return fail("its scale is not per channel")
     for _ in range(8):  # each round folds one constant Add (a bias shift) into the layer first
-        if fold_into_producer(graph, x, mul, s, np.zeros_like(s)):
-            return bypass(graph, mul, x)
+        check = fold_into_producer(graph, x, mul, s, np.zeros_like(s))
+        if check:
+            return _bypassed(graph, mul, x)
         add = producer(x)
         shift = _const_operand(add) if add is not None and add.op == "Add" else None
         if shift is None or sole_consumer(graph, x) is not mul:
-            return False
+            return check
         inner, value = shift
         t = _per_channel(value, x)
-        if t is None or not fold_into_producer(graph, inner, add, np.ones_like(s), t):
-            return False
+        if t is None:
+            return fail(f"the shift {add.name} is not per channel")
+        check = fold_into_producer(graph, inner, add, np.ones_like(s), t)
+        if not check:
+            return check
         bypass(graph, add, inner)
         x = inner
-    return False
+    return fail("more than 8 constant Adds before it")
 
 
 def _reduces_spatial_axes(node: gs.Node, rank: int) -> bool:
@@ -95,59 +105,59 @@ def _reduces_spatial_axes(node: gs.Node, rank: int) -> bool:
     return all(int(a) % rank >= 2 for a in np.asarray(axes).reshape(-1))
 
 
-def _fold_output(graph: gs.Graph, mul: gs.Node) -> bool:
+def _fold_output(graph: gs.Graph, mul: gs.Node) -> Check:
     operands = _const_operand(mul)
     if operands is None:
-        return False
+        return fail("it does not have exactly one constant operand")
     spikes, factor = operands
     y = mul.outputs[0]
     lam = _per_channel(factor, y)
     if lam is None:
-        return False
+        return fail("its scale is not per channel")
     t, per_feature = y, lam  # per_feature: the factor along axis 1 of t
     while True:
         reader = sole_consumer(graph, t)
         if reader is None:
-            return False
+            return fail(f"{t.name} has several readers or is a graph output")
         out = reader.outputs[0]
         if reader.op in _CHANNEL_LINEAR:
             shape = t.shape
             if shape is None or out.shape is None:
-                return False
+                return fail(f"{reader.name}'s shapes are unknown")
             if reader.op == "Flatten":
                 if int(reader.attrs.get("axis", 1)) != 1 or not all(isinstance(d, int) for d in shape[2:]):
-                    return False
+                    return fail(f"{reader.name} does not flatten static dims from axis 1")
                 per_feature = np.repeat(per_feature, int(np.prod(shape[2:], dtype=np.int64)))
             elif reader.op == "ReduceMean" and not _reduces_spatial_axes(reader, len(shape)):
-                return False
+                return fail(f"{reader.name} reduces a non-spatial axis")
             t = out
             continue
         if reader.inputs[0] is not t:
-            return False
+            return fail(f"{t.name} reaches {reader.op} {reader.name} but not as its data input")
         return _scale_weight_inputs(graph, reader, per_feature, mul, spikes)
 
 
-def _scale_weight_inputs(graph: gs.Graph, layer: gs.Node, lam: np.ndarray, mul: gs.Node, spikes: gs.Tensor) -> bool:
+def _scale_weight_inputs(graph: gs.Graph, layer: gs.Node, lam: np.ndarray, mul: gs.Node, spikes: gs.Tensor) -> Check:
     """W' = W * λ along the layer's input features; then the Mul is bypassed."""
     w = const(layer.inputs[1]) if len(layer.inputs) > 1 else None
     if w is None:
-        return False
+        return fail(f"{layer.op} {layer.name} has no constant weight")
     w64 = w.astype(np.float64)
     if layer.op == "Conv" and int(layer.attrs.get("group", 1)) == 1 and w.ndim >= 3 and w.shape[1] == len(lam):
         w_new = w64 * lam.reshape((1, -1) + (1,) * (w.ndim - 2))
     elif layer.op == "Gemm" and not layer.attrs.get("transA", 0) and w.ndim == 2:
         trans = bool(layer.attrs.get("transB", 0))
         if w.shape[1 if trans else 0] != len(lam):
-            return False
+            return fail(f"{layer.name}'s weight does not match the scale's length")
         w_new = w64 * (lam[None, :] if trans else lam[:, None])
     elif layer.op == "MatMul" and w.ndim == 2 and w.shape[0] == len(lam) and len(layer.outputs[0].shape or ()) == 2:
         w_new = w64 * lam[:, None]
     else:
-        return False
+        return fail(f"{layer.op} {layer.name} is not a group-1 Conv, a Gemm without transA or a 2-D MatMul")
     with np.errstate(over="ignore"):  # an overflow to inf is detected after the pass (FoldScales.call)
         scaled = np.ascontiguousarray(w_new.astype(w.dtype))
     layer.inputs[1] = gs.Constant(unique_name(graph, f"{layer.name}.weight_scaled"), scaled)
-    return bypass(graph, mul, spikes)
+    return _bypassed(graph, mul, spikes)
 
 
 def _finite_constants(graph: gs.Graph) -> bool:
@@ -156,21 +166,34 @@ def _finite_constants(graph: gs.Graph) -> bool:
 
 
 class FoldScales(Pass):
-    def call(self, model: onnx.ModelProto) -> PassResult:
+    def call(self, model: onnx.ModelProto, record: ConversionRecord) -> PassResult:
         graph = import_graph(model)
         if not _finite_constants(graph):
-            return PassResult(model, False)
+            return PassResult(model, False, record)
+        scales = {}  # Mul node name -> (site, its side)
+        for site in record.sites:
+            scales.update({site.scale_in: (site, "scale_in"), site.scale_out: (site, "scale_out")})
         folded = []
-        for mul in [n for n in graph.nodes if n.op == "Mul" and (n.name or "").startswith("snn.")]:
-            if mul.name.endswith(".scale_in") and _fold_input(graph, mul):
-                folded.append(mul.name)
-            elif mul.name.endswith(".scale_out") and _fold_output(graph, mul):
-                folded.append(mul.name)
+        for mul in [n for n in graph.nodes if n.name in scales and n.op == "Mul"]:  # graph order: the
+            site, side = scales[mul.name]  # weights a scale meets are rounded in the same order every time
+            check = (_fold_input if side == "scale_in" else _fold_output)(graph, mul)
+            if self.check_rewrite(check, f"kept {mul.name}"):
+                folded.append((site, side, mul.name))
         if not folded:
-            return PassResult(model, False)
+            return PassResult(model, False, record)
         if not _finite_constants(graph):
             # a scale of ~1e30 times a large weight overflows float32: keep the Muls instead
             log.warning("folding the neuron scales into the weights would overflow float32; kept as Muls")
-            return PassResult(model, False)
-        log.info("folded %d threshold-scaling Muls into weights: %s", len(folded), folded)
-        return PassResult(export_model(graph, model), True)
+            return PassResult(model, False, record)
+        for site, side, name in folded:
+            setattr(site, side, None)
+            record.folded_scales.append(name)
+        log.info("folded %d threshold-scaling Muls into weights: %s", len(folded), record.folded_scales)
+        return PassResult(export_model(graph, model), True, record)
+
+    def ensures(self, model: onnx.ModelProto, record: ConversionRecord) -> None:
+        names = {n.name for n in model.graph.node}
+        gone = [n for n in record.folded_scales if n in names]
+        kept = [n for site in record.sites for n in (site.scale_in, site.scale_out) if n and n not in names]
+        if gone or kept:
+            raise ContractError(f"folded Muls still in the graph {gone}; recorded Muls missing {kept}")

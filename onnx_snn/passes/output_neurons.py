@@ -15,11 +15,12 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from ..graph import export_model, import_graph, unique_name
-from .base import Pass, PassResult
+from ..record import ConversionRecord
+from .base import ContractError, Pass, PassResult
 
 
 class AddOutputNeurons(Pass):
-    def call(self, model: onnx.ModelProto) -> PassResult:
+    def call(self, model: onnx.ModelProto, record: ConversionRecord) -> PassResult:
         graph = import_graph(model)
         for i, out in enumerate(list(graph.outputs)):
             pre = gs.Variable(unique_name(graph, f"{out.name}.pre_readout"), dtype=out.dtype, shape=out.shape)
@@ -30,4 +31,11 @@ class AddOutputNeurons(Pass):
             for consumer in list(out.outputs):
                 consumer.inputs[consumer.inputs.index(out)] = pre
             graph.nodes.append(gs.Node("Relu", unique_name(graph, f"readout_{i}"), inputs=[pre], outputs=[out]))
-        return PassResult(export_model(graph, model), True)
+        return PassResult(export_model(graph, model), True, record)
+
+    def ensures(self, model: onnx.ModelProto, record: ConversionRecord) -> None:
+        produced = {o: n for n in model.graph.node for o in n.output}
+        for out in model.graph.output:
+            node = produced.get(out.name)
+            if node is not None and node.op_type != "Relu":
+                raise ContractError(f"output {out.name!r} comes from {node.op_type} {node.name}, not a ReLU")

@@ -3,25 +3,25 @@
 Guarantee: every graph output keeps its name; one that was ``Softmax(z)`` or ``LogSoftmax(z)``
 becomes ``z`` (the logits). The SNN decodes by summing each step's output over time, and a sum
 of logits has the same argmax as the ANN's softmax, while a sum of per-step softmaxes would not
-be the softmax of anything. The names of dropped nodes are recorded in metadata
-(``onnx_snn.dropped_softmax``). A Softmax anywhere else is refused by the support check.
+be the softmax of anything. The names of dropped nodes are recorded
+(``ConversionRecord.dropped_softmax``; the step model lists them among the converter options).
+A Softmax anywhere else is refused by the support check.
 """
 from __future__ import annotations
 
-import json
 import logging
 
 import onnx
 
 from ..graph import bypass, export_model, import_graph, producer
-from .base import Pass, PassResult
+from ..record import ConversionRecord
+from .base import ContractError, Pass, PassResult
 
 log = logging.getLogger(__name__)
-METADATA_KEY = "onnx_snn.dropped_softmax"
 
 
 class DropOutputSoftmax(Pass):
-    def call(self, model: onnx.ModelProto) -> PassResult:
+    def call(self, model: onnx.ModelProto, record: ConversionRecord) -> PassResult:
         graph = import_graph(model)
         dropped = []
         for out in list(graph.outputs):
@@ -32,7 +32,15 @@ class DropOutputSoftmax(Pass):
                     log.info("dropped %s (%s) before output %r: the SNN sums logits over time",
                              node.name, node.op, out.name)
         if not dropped:
-            return PassResult(model, False)
-        result = export_model(graph, model)
-        result.metadata_props.add(key=METADATA_KEY, value=json.dumps(dropped))
-        return PassResult(result, True)
+            return PassResult(model, False, record)
+        record.dropped_softmax += dropped
+        return PassResult(export_model(graph, model), True, record)
+
+    def ensures(self, model: onnx.ModelProto, record: ConversionRecord) -> None:
+        produced = {o: n for n in model.graph.node for o in n.output}
+        for out in model.graph.output:
+            node = produced.get(out.name)
+            if node is not None and node.op_type in ("Softmax", "LogSoftmax") and node.domain in ("", "ai.onnx"):
+                consumers = [n for n in model.graph.node if out.name in n.input]
+                if not consumers:
+                    raise ContractError(f"{node.name} ({node.op_type}) still produces output {out.name!r}")

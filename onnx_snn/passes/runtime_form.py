@@ -22,11 +22,13 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from onnx_snn_runtime.format import KEY_RUNTIME_FORM, RuntimeForm, SpikeCount, State, StepModelSpec
+from onnx_snn_runtime.format import KEY_RUNTIME_FORM, MEMBRANE, OUTPUT_SUM, RuntimeForm, SpikeCount, State
 
 from ..graph import export_model, import_graph
 from ..ops import if_neuron
-from .base import Pass, PassResult
+from ..record import ConversionRecord
+from .base import ContractError, Pass, PassResult
+from .write_step_model import step_model_spec
 
 log = logging.getLogger(__name__)
 
@@ -54,15 +56,15 @@ def _serialize(graph: gs.Graph, like: onnx.ModelProto, with_neuron: bool) -> byt
 
 
 class EmbedRuntimeForm(Pass):
-    def call(self, model: onnx.ModelProto) -> PassResult:
-        spec = StepModelSpec.from_metadata({p.key: p.value for p in model.metadata_props})
+    def call(self, model: onnx.ModelProto, record: ConversionRecord) -> PassResult:
+        spec = step_model_spec(model, record)
         graph = import_graph(model)
         graph.toposort()
         state_inputs = {s.input for s in spec.states}
         static = _static_tensors(graph, state_inputs)
         if not spec.states or any(o.name in static for o in graph.outputs if o.name in spec.outputs):
             log.info("no runtime form: an output does not depend on any neuron")
-            return PassResult(model, False)
+            return PassResult(model, False, record)
 
         boundary = []
         for node in graph.nodes:
@@ -97,11 +99,11 @@ class EmbedRuntimeForm(Pass):
             shape = [None] + [int(d) for d in y.shape[1:]] if y.shape and all(isinstance(d, int) for d in y.shape[1:]) else None
             if shape is None:
                 log.info("no runtime form: output %s has a non-static shape", name)
-                return PassResult(model, False)
+                return PassResult(model, False, record)
             states.append(State(acc_in.name, acc_out.name, shape, str(np.dtype(y.dtype or np.float32)),
-                                "output_sum", name, 0.0))
+                                OUTPUT_SUM, name, 0.0))
         counts = []
-        membrane = {s.output: s for s in spec.states if s.kind == "membrane"}
+        membrane = {s.output: s for s in spec.states if s.kind == MEMBRANE}
         for node in body.nodes:
             if node.op == if_neuron.OP_TYPE and node.outputs[1].name in membrane:
                 state = membrane[node.outputs[1].name]
@@ -120,4 +122,9 @@ class EmbedRuntimeForm(Pass):
         out.metadata_props.add(key=KEY_RUNTIME_FORM, value=form.to_json())
         log.info("runtime form: prefix %s -> boundary %s; body with %d states",
                  "present" if prefix_bytes else "empty", boundary, len(states))
-        return PassResult(out, True)
+        return PassResult(out, True, record)
+
+    def ensures(self, model: onnx.ModelProto, record: ConversionRecord) -> None:
+        form = next((p.value for p in model.metadata_props if p.key == KEY_RUNTIME_FORM), None)
+        if form is not None and len(RuntimeForm.from_json(form).states) < len(record.states):
+            raise ContractError("the runtime form's body lacks some of the step model's states")

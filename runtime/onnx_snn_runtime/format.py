@@ -25,8 +25,16 @@ KEY_SOURCE = "onnx_snn.source_sha256"
 KEY_CONVERTER = "onnx_snn.converter"
 KEY_RUNTIME_FORM = "onnx_snn.runtime_form"
 
-STATE_KINDS = ("membrane", "maxpool_sum", "output_sum")
+# What a state pair holds: a neuron layer's membrane potentials, a running-max MaxPool's sum of
+# its inputs so far, or (in the runtime form only) an output's sum over the steps so far.
+MEMBRANE, MAXPOOL_SUM, OUTPUT_SUM = "membrane", "maxpool_sum", "output_sum"
+STATE_KINDS = (MEMBRANE, MAXPOOL_SUM, OUTPUT_SUM)
 DECODINGS = ("sum",)
+
+
+def metadata(props) -> dict[str, str]:
+    """A model's ``metadata_props`` (any iterable of entries with ``key`` and ``value``) as a dict."""
+    return {p.key: p.value for p in props}
 
 
 class FormatError(OnnxSnnError):
@@ -50,7 +58,7 @@ class State:
     output: str
     shape: list
     dtype: str
-    kind: str = "membrane"
+    kind: str = MEMBRANE
     layer: str = ""
     init: Any = 0.0          # float, or an array broadcastable to shape[1:]
     threshold: float | None = None
@@ -65,7 +73,7 @@ class State:
         try:
             init = d["init"]
             value = init["value"] if "value" in init else decode_array(init["tensor"])
-            state = cls(d["input"], d["output"], list(d["shape"]), d["dtype"], d.get("kind", "membrane"),
+            state = cls(d["input"], d["output"], list(d["shape"]), d["dtype"], d.get("kind", MEMBRANE),
                         d.get("layer", ""), value, d.get("threshold"))
         except (KeyError, TypeError, ValueError) as e:
             raise FormatError(f"malformed state entry {d!r}: {e}") from e
@@ -136,6 +144,11 @@ class StepModelSpec:
                 KEY_CALIBRATION: json.dumps(self.calibration),
                 KEY_SOURCE: self.source_sha256,
                 KEY_CONVERTER: json.dumps(self.converter)}
+
+    @classmethod
+    def from_model(cls, model) -> "StepModelSpec":
+        """The record of a loaded step model (an ``onnx.ModelProto``, or anything with ``metadata_props``)."""
+        return cls.from_metadata(metadata(model.metadata_props))
 
     @classmethod
     def from_metadata(cls, meta: Mapping[str, str]) -> "StepModelSpec":

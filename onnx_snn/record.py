@@ -1,0 +1,100 @@
+"""The record of a conversion: what each pass did, handed typed from pass to pass.
+
+Passes find the nodes they work on through this record, never by node-name patterns, and
+``WriteStepModel`` is the only pass that turns it into ``metadata_props``. A pass receives its
+own copy (the manager deep-copies it), updates it and returns it in its ``PassResult``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from onnx_snn_runtime.format import MAXPOOL_SUM, MEMBRANE, State
+
+from .options import ConvertOptions
+
+
+@dataclass
+class NeuronSite:
+    """One ReLU/Clip(0, c) that becomes a neuron layer.
+
+    ``Calibrate`` fills the first block; ``InsertNeurons`` names the nodes that implement the
+    neuron and its state; ``CorrectBias`` adds its shift; ``FoldScales`` clears a scale node's
+    name once the scale lives in the weights.
+    """
+    node: str                      # the ReLU/Clip of the source (its name is the layer's name)
+    op: str
+    output: str                    # the tensor the layer outputs (λ × spikes in the step model)
+    lam: float | list[float]       # λ: one value, or one per channel (axis 1)
+    max: float                     # the largest calibration activation
+    share_above: float             # share of calibration activations above λ
+    dead_channels: int = 0
+    clip_max: float | None = None  # c of Clip(0, c)
+    scale_in: str | None = None    # Mul(1/λ) node, None once folded into the producer
+    neuron: str | None = None      # IFNeuron node (Clip in the analog model)
+    scale_out: str | None = None   # Mul(λ) node, None once folded into the readers
+    shift: str | None = None       # bias correction's Add before scale_in
+    bias_shift: float | list[float] | None = None
+    state: State | None = None     # the membrane state pair (None in the analog model)
+
+    def to_json(self) -> dict:
+        """The layer's entry in the step model's calibration record (metadata layout v1)."""
+        entry = {"node": self.node, "op": self.op, "output": self.output, "lambda": self.lam, "max": self.max,
+                 "share_above": self.share_above, "dead_channels": self.dead_channels}
+        if self.bias_shift is not None:
+            entry["bias_shift"] = self.bias_shift
+        return entry
+
+
+@dataclass
+class RunningMaxPool:
+    """A MaxPool on time-varying signals turned into a running max (``maxpool.running_max``)."""
+    node: str                      # the source MaxPool
+    nodes: list[str]               # the nodes that replace it
+    state: State
+
+
+@dataclass
+class BatchNormFold:
+    """What ``FoldBatchNorm`` did with one BatchNormalization."""
+    node: str
+    into: str | None               # the layer whose weights absorbed it, or None
+    affine: list[str] = field(default_factory=list)  # its Mul and Add nodes when not folded
+
+
+@dataclass
+class Calibration:
+    mode: str
+    per_channel: bool
+    samples: int
+
+
+@dataclass
+class ConversionRecord:
+    options: ConvertOptions = field(default_factory=ConvertOptions)
+    dropped_softmax: list[str] = field(default_factory=list)
+    batchnorms: list[BatchNormFold] = field(default_factory=list)
+    swapped_maxpools: list[str] = field(default_factory=list)  # MaxPools moved before their neuron
+    calibration: Calibration | None = None
+    sites: list[NeuronSite] = field(default_factory=list)     # in topological order
+    states: list[State] = field(default_factory=list)         # every state pair, in graph-input order
+    running_max: list[RunningMaxPool] = field(default_factory=list)
+    folded_scales: list[str] = field(default_factory=list)
+
+    def membrane_states(self) -> list[State]:
+        return [s for s in self.states if s.kind == MEMBRANE]
+
+    def count(self, kind: str) -> int:
+        """States of ``kind`` so far (names the next one: snn.v{k}, snn.m{k})."""
+        return sum(s.kind == kind for s in self.states)
+
+    def calibration_json(self) -> dict[str, Any]:
+        """The calibration record as the step model stores it (metadata ``onnx_snn.calibration``)."""
+        if self.calibration is None:
+            return {}
+        return {"mode": self.calibration.mode, "per_channel": self.calibration.per_channel,
+                "samples": self.calibration.samples, "layers": [s.to_json() for s in self.sites]}
+
+
+__all__ = ["ConversionRecord", "NeuronSite", "RunningMaxPool", "BatchNormFold", "Calibration", "MEMBRANE",
+           "MAXPOOL_SUM"]

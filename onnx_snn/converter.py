@@ -77,7 +77,7 @@ class Converter:
             target_T=target_T, bias_correction=bias_correction, potential_correction=potential_correction,
             output_decoding=output_decoding, fold_scales=fold_scales)
         if self.config.preset:
-            log.info("target_T=%d without a mode: the preset %s", target_T, self.config.describe())
+            log.info("target_T=%d without a mode: %s", target_T, self.config.describe())
         self.dataloader = dataloader
         self.record: ConversionRecord | None = None
 

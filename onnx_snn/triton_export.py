@@ -37,7 +37,7 @@ from onnx import TensorProto, helper, numpy_helper
 from onnx_snn_runtime.format import StepModelSpec
 
 from .errors import OnnxSnnError, OptionError
-from .graph import ir_version_for
+from .graph import add_output_sums, export_model, import_graph, ir_version_for
 from .io import load
 
 log = logging.getLogger(__name__)
@@ -83,13 +83,13 @@ def triton_model(step: onnx.ModelProto) -> tuple[onnx.ModelProto, list[TritonSta
     spec = StepModelSpec.from_model(step)
     if not spec.states:
         raise OnnxSnnError("the model has no states (no neuron): serve it as a stateless model instead")
-    model = onnx.ModelProto()
-    model.CopyFrom(step)
+    for name in spec.outputs:
+        _dims(next(o for o in step.graph.output if o.name == name), "output")  # static, or a clear error
+    graph = import_graph(step)
+    sums = add_output_sums(graph, list(spec.outputs), lambda name: f"{name}.sum")  # reset at START below
+    model = export_model(graph, step)
     g = model.graph
-    del model.metadata_props[:]
-    model.metadata_props.extend(step.metadata_props)
     inputs = {i.name: i for i in g.input}
-    outputs = {o.name: o for o in g.output}
     # START is float whatever the model's type: the config declares fp32_false_true, and the
     # onnxruntime backend checks that the model's input has the declared type
     g.input.append(helper.make_tensor_value_info(START, TensorProto.FLOAT, ["N", 1]))
@@ -97,7 +97,7 @@ def triton_model(step: onnx.ModelProto) -> tuple[onnx.ModelProto, list[TritonSta
     new_nodes = [helper.make_node("Cast", [START], [start_bool], to=TensorProto.BOOL, name="snn.start.cast")]
     states: list[TritonState] = []
     renames = {}
-    for s in spec.states:
+    for s in spec.states + sums:
         vi = inputs[s.input]
         dims = _dims(vi, "state")
         init = np.broadcast_to(np.asarray(s.init, dtype=s.dtype), dims).copy()
@@ -116,23 +116,7 @@ def triton_model(step: onnx.ModelProto) -> tuple[onnx.ModelProto, list[TritonSta
         node.input[:] = [renames.get(n, n) for n in node.input]
     if any(o.name in renames for o in g.output):
         raise OnnxSnnError("a state input is also a graph output; this step model cannot be exported")
-    acc_nodes = []
-    for name in spec.outputs:
-        vi = outputs[name]
-        dims = _dims(vi, "output")
-        acc_in, acc_out = f"snn.acc.{name}", f"{name}.sum"
-        g.input.append(helper.make_tensor_value_info(acc_in, _elem(vi), ["N"] + dims))
-        reset_acc = f"{acc_in}.after_start"
-        cond = f"{acc_in}.start"
-        g.initializer.extend([numpy_helper.from_array(np.zeros([1] + dims, helper.tensor_dtype_to_np_dtype(_elem(vi))),
-                                                      f"{acc_in}.initial"),
-                              numpy_helper.from_array(np.array([-1] + [1] * len(dims), np.int64), f"{cond}.shape")])
-        acc_nodes += [helper.make_node("Reshape", [start_bool, f"{cond}.shape"], [cond], name=f"{cond}.reshape"),
-                      helper.make_node("Where", [cond, f"{acc_in}.initial", acc_in], [reset_acc], name=f"{acc_in}.reset"),
-                      helper.make_node("Add", [reset_acc, name], [acc_out], name=f"{acc_in}.add")]
-        g.output.append(helper.make_tensor_value_info(acc_out, _elem(vi), ["N"] + dims))
-        states.append(TritonState(acc_in, acc_out, _triton_type(vi), dims, None))
-    nodes = new_nodes + list(g.node) + acc_nodes
+    nodes = new_nodes + list(g.node)
     del g.node[:]
     g.node.extend(nodes)
     model.ir_version = ir_version_for(model)

@@ -22,9 +22,9 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from onnx_snn_runtime.format import KEY_RUNTIME_FORM, MEMBRANE, OUTPUT_SUM, RuntimeForm, SpikeCount, State
+from onnx_snn_runtime.format import KEY_RUNTIME_FORM, MEMBRANE, RuntimeForm, SpikeCount
 
-from ..graph import export_model, import_graph
+from ..graph import add_output_sums, export_model, import_graph
 from ..ops import if_neuron
 from ..record import ConversionRecord
 from .base import ContractError, Pass, PassResult
@@ -86,22 +86,14 @@ class EmbedRuntimeForm(Pass):
         btensors = body.tensors()
         for name in boundary:
             btensors[name].inputs.clear()  # cut: the boundary becomes an input of the body
-        states = list(spec.states)
         body.inputs = [btensors[name] for name in boundary] + [btensors[s.input] for s in spec.states]
-        outputs = [btensors[s.output] for s in spec.states]
-        for name in spec.outputs:
-            y = btensors[name]
-            acc_in = gs.Variable(f"snn.acc.{name}", dtype=y.dtype, shape=y.shape)
-            acc_out = gs.Variable(f"snn.acc.{name}.next", dtype=y.dtype, shape=y.shape)
-            body.nodes.append(gs.Node("Add", f"snn.acc.{name}.add", inputs=[acc_in, y], outputs=[acc_out]))
-            body.inputs.append(acc_in)
-            outputs.append(acc_out)
-            shape = [None] + [int(d) for d in y.shape[1:]] if y.shape and all(isinstance(d, int) for d in y.shape[1:]) else None
-            if shape is None:
-                log.info("no runtime form: output %s has a non-static shape", name)
-                return PassResult(model, False, record)
-            states.append(State(acc_in.name, acc_out.name, shape, str(np.dtype(y.dtype or np.float32)),
-                                OUTPUT_SUM, name, 0.0))
+        body.outputs = [btensors[s.output] for s in spec.states]
+        sums = add_output_sums(body, list(spec.outputs), lambda name: f"snn.acc.{name}.next")
+        if any(s.shape is None for s in sums):
+            log.info("no runtime form: an output has a non-static shape")
+            return PassResult(model, False, record)
+        states = list(spec.states) + sums
+        outputs = list(body.outputs)
         counts = []
         membrane = {s.output: s for s in spec.states if s.kind == MEMBRANE}
         for node in body.nodes:

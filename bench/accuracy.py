@@ -154,7 +154,8 @@ def run_model(model: str, args, ts: list[int]) -> None:
         import torch
         torch.set_num_threads(args.threads)
         loader = torch.utils.data.DataLoader(torch.from_numpy(x_calib), batch_size=256)
-        jobs += [("spikingjelly", label, lambda make=make: spikingjelly(model, make, x_calib, x_test, y_test, ts, args.device))
+        jobs += [("spikingjelly", label,
+                  lambda make=make: spikingjelly(model, make, x_calib, x_test, y_test, ts, args.device))
                  for label, make in spikingjelly_recipes(loader).items()]
     for side, label, job in jobs:
         if label in record[side]:

@@ -91,7 +91,8 @@ def small_model() -> onnx.ModelProto:
 def base_case(which: int):
     if which == 0:
         return small_model(), np.random.default_rng(1).random((24, 1, 8, 8)).astype(np.float32)
-    return onnx.load(ROOT / "models" / "sample_cnn.onnx"), np.random.default_rng(2).random((16, 1, 28, 28)).astype(np.float32)
+    x = np.random.default_rng(2).random((16, 1, 28, 28)).astype(np.float32)
+    return onnx.load(ROOT / "models" / "sample_cnn.onnx"), x
 
 
 def apply(model: onnx.ModelProto, data: np.ndarray, mutations: list[tuple]) -> tuple[bytes, np.ndarray]:

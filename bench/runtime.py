@@ -40,7 +40,8 @@ def main():
     x_train, _ = load_fashion_mnist("train")
     x_test, _ = load_fashion_mnist("test")
     path = Path(tempfile.mkdtemp()) / "sample_cnn.snn.onnx"
-    onnx_snn.save(onnx_snn.Converter(x_train[:2000], mode="99.9%", progress=False)(ROOT / "models" / "sample_cnn.onnx"), path)
+    snn = onnx_snn.Converter(x_train[:2000], mode="99.9%", progress=False)(ROOT / "models" / "sample_cnn.onnx")
+    onnx_snn.save(snn, path)
     configs = [("cpu", False)]
     if gpu_present():
         configs += [("cuda", False), ("cuda", True)]

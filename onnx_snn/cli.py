@@ -9,33 +9,20 @@ import sys
 from pathlib import Path
 
 import numpy as np
-
-from onnx_snn_runtime.cli import add_parser as add_run_parser, add_serve_parser
+from onnx_snn_runtime.cli import add_parser as add_run_parser
+from onnx_snn_runtime.cli import add_serve_parser
 
 from . import __version__
-from .calibration.data import load_npz
+from .calibration.data import FASHION_MNIST_IMAGES, calibration_source
 from .calibration.mode import parse_mode
 from .converter import Converter
-from .errors import DataError, OnnxSnnError, OptionError
+from .errors import OnnxSnnError, OptionError
 from .io import save
 from .options import add_cli_arguments, from_cli
 from .passes.base import CHECK_ENV
 from .tables import lambda_text, table
 
 log = logging.getLogger("onnx_snn")
-
-
-def _calibration_data(spec: str, limit: int | None):
-    """An .npz path, or ``fashion-mnist`` (the training split: full set if installed, else bundled)."""
-    if spec.lower() in ("fashion-mnist", "fashion_mnist", "fmnist"):
-        from onnx_snn_runtime.datasets import load_fashion_mnist
-        x, _ = load_fashion_mnist("train")
-        return x[:limit] if limit else x
-    if limit:
-        if not Path(spec).is_file():
-            raise DataError(f"calibration file {spec} does not exist")
-        return load_npz(Path(spec))[:limit]
-    return spec
 
 
 def format_table(layers: list[dict]) -> str:
@@ -51,7 +38,10 @@ def cmd_convert(args: argparse.Namespace) -> int:
     given = from_cli(args)
     if "mode" in given:
         given["mode"] = parse_mode(given["mode"])  # refuse a bad mode before loading data
-    converter = Converter(_calibration_data(args.calib, args.limit), progress=not args.quiet, **given)
+    data, source = calibration_source(args.calib, args.limit)
+    if not args.quiet:
+        print(source)
+    converter = Converter(data, progress=not args.quiet, **given)
     snn = converter(args.model)
     save(snn, out)
     if not args.quiet:
@@ -97,6 +87,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     import json as _json
+
     from .inspect import format_report, inspect
     report = inspect(args.model)
     print(_json.dumps(report, indent=2, default=str) if args.json else format_report(report))
@@ -115,7 +106,6 @@ def cmd_export_triton(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     """Convert the sample CNN with each demo mode, simulate, print the table, plot accuracy against t."""
     import onnxruntime as ort
-
     from onnx_snn_runtime.cli import plot_accuracy
     from onnx_snn_runtime.datasets import DEBIAN_DIR, load_fashion_mnist, read_idx_dir
     from onnx_snn_runtime.simulator import Simulator, check_T
@@ -163,7 +153,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     c = sub.add_parser("convert", help="convert an ONNX ReLU network into an SNN step model")
     c.add_argument("model", help="source .onnx model")
-    c.add_argument("--calib", required=True, help="calibration data: an .npz (array 'x') or 'fashion-mnist'")
+    c.add_argument("--calib", required=True,
+                   help="calibration data: an .npz (array 'x', else 'images', 'inputs', 'x_calib', 'x_train', "
+                        f"'x_test', else its first), file.npz:ARRAY, or 'fashion-mnist' (the first "
+                        f"{FASHION_MNIST_IMAGES} training images unless --limit)")
     c.add_argument("-o", "--output", help="output path (default: MODEL with .snn.onnx)")
     add_cli_arguments(c)  # the converter options, from onnx_snn.options.ConvertOptions
     c.add_argument("--limit", type=int, default=None, help="use only the first N calibration samples")

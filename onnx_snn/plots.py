@@ -59,7 +59,7 @@ def plot_if_neuron(path: str, T: int = 128, v_init: float = 0.0) -> NeuronCurves
     c = if_neuron_curves(T, v_init)
     plt = _pyplot()
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    for i, x in enumerate(c.raster_inputs):
+    for i, _ in enumerate(c.raster_inputs):
         t = np.flatnonzero(c.raster[i]) + 1
         left.vlines(t, i + 0.6, i + 1.4, linewidth=0.8)
     left.set_yticks(np.arange(1, len(c.raster_inputs) + 1), [f"{x:g}" for x in c.raster_inputs])

@@ -125,7 +125,8 @@ def test_every_front_door_gives_a_step_model_onnxruntime_runs(front_door, bundle
         source = load_trained()
     else:
         source = SAMPLE_ONNX if front_door == "onnx-path" else onnx.load(SAMPLE_ONNX)
-    converter = onnx_snn.Converter(xc[:256], mode="99.9%", exporter=front_door if front_door in ("torchscript", "dynamo") else "dynamo", progress=False)
+    exporter = front_door if front_door in ("torchscript", "dynamo") else "dynamo"
+    converter = onnx_snn.Converter(xc[:256], mode="99.9%", exporter=exporter, progress=False)
     snn = converter(source)
     path = onnx_snn.save(snn, tmp_path / "cnn.snn.onnx")
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])

@@ -33,4 +33,5 @@ def test_example_runs(script, tmp_path):
     for expected in EXAMPLES[script]:
         assert expected in result.stdout, result.stdout
     if script == "plot_figures.py":
-        assert all((tmp_path / f).read_bytes()[:4] == b"\x89PNG" for f in ("if_neuron.png", "accuracy.png", "firing_rates.png"))
+        figures = ("if_neuron.png", "accuracy.png", "firing_rates.png")
+        assert all((tmp_path / f).read_bytes()[:4] == b"\x89PNG" for f in figures)

@@ -33,7 +33,7 @@ def test_simulators_in_threads_give_the_sequential_results(sample_snn, bundled):
             for _ in range(5):
                 results[i] = sim.run(chunks[i], 12, firing=True)
                 sim.reset()
-                for t in range(3):
+                for _ in range(3):
                     sim.step(chunks[i])
         except Exception as e:  # noqa: BLE001 - reported below
             errors.append(e)

@@ -1,24 +1,35 @@
-"""Turn what users pass as calibration data into validated batches of model inputs.
+"""Calibration data: what users pass, as batches of model inputs.
 
-Accepted: a numpy array (batched here), a path to an ``.npz`` (key ``x``, else ``images``, else
-its first array), a dict ``{input name: array}``, or any iterable (a torch DataLoader among
-them) of arrays, tensors, ``(x, label, ...)`` tuples or dicts. Every batch is checked against
-the model's inputs (rank, static dims, finite numbers) and cast to their dtype.
+Accepted: a numpy array (batched here), a path to an ``.npz`` (``file.npz:name`` names the array;
+else ``x``, ``images``, ``inputs``, ``x_calib``, ``x_train``, ``x_test``, else the first), a dict
+``{input name: array}``, or any iterable (a torch DataLoader among them) of arrays, tensors,
+``(x, label, ...)`` tuples or dicts. Each batch goes through the runtime's reader
+(``onnx_snn_runtime.data``), so calibration sees exactly what the simulator will: integer images
+scaled to [0, 1], a missing channel axis added, shapes, dtypes and finiteness checked.
 """
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 import numpy as np
 import onnx
 from onnx import helper
-
-from onnx_snn_runtime.data import to_numpy
+from onnx_snn_runtime.data import Feeder, how_many, scale_integers, to_numpy
+from onnx_snn_runtime.datasets import fashion_mnist, is_fashion_mnist, read_npz, split_npz_spec
 
 from ..errors import DataError
+
+__all__ = ["InputSpec", "iterate_batches", "first_input", "load_npz", "to_numpy", "calibration_source",
+           "FASHION_MNIST_IMAGES"]
+
+log = logging.getLogger(__name__)
+
+# Images ``--calib fashion-mnist`` takes by default: the demo's choice (``--calib-samples``), so
+# `onnx-snn convert --calib fashion-mnist` calibrates as `onnx-snn demo` does.
+FASHION_MNIST_IMAGES = 10_000
 
 
 @dataclass
@@ -34,15 +45,33 @@ class InputSpec:
         return cls(value_info.name, shape, np.dtype(helper.tensor_dtype_to_np_dtype(t.elem_type)))
 
 
-def load_npz(path: Path) -> np.ndarray:
-    try:
-        with np.load(path) as z:
-            if not z.files:
-                raise DataError(f"{path} holds no arrays")
-            key = next((k for k in ("x", "images", "inputs") if k in z.files), z.files[0])
-            return z[key]
-    except (OSError, ValueError) as e:
-        raise DataError(f"cannot read calibration file {path}: {e}; give an .npz with an array 'x'") from e
+def load_npz(path: str | os.PathLike) -> np.ndarray:
+    """The calibration array of ``file.npz`` or ``file.npz:name``; logs which array it took."""
+    x, _, name, names = read_npz(path)
+    log.info("calibration data: array %r of %s (arrays: %s)", name, path, ", ".join(names))
+    return x
+
+
+def calibration_source(spec: str, limit: int | None) -> tuple[Any, str]:
+    """(data for ``Converter``, one line saying which source and how many images) for ``--calib``:
+    ``fashion-mnist`` (training split, first ``FASHION_MNIST_IMAGES`` unless ``limit``) or an .npz."""
+    if is_fashion_mnist(spec):
+        x, _, origin = fashion_mnist("train")
+        taken = min(limit or FASHION_MNIST_IMAGES, len(x))
+        description = f"calibration data: Fashion-MNIST training split, {origin}: {how_many(taken, len(x), 'images')}"
+        x = x[:taken]
+    else:
+        path, _ = split_npz_spec(spec)
+        if not path.is_file():
+            raise DataError(f"calibration file {path} does not exist; give an .npz (file.npz or "
+                            "file.npz:ARRAY) or 'fashion-mnist'")
+        x, _, name, _ = read_npz(spec)
+        taken = min(limit, len(x)) if limit else len(x)
+        description = (f"calibration data: {path}, array {name!r} ({x.dtype}, {x.shape[1:]} per sample): "
+                       f"{how_many(taken, len(x))}")
+        x = x[:taken]
+    log.info("%s", description)
+    return x, description
 
 
 def _batches_of(arrays: dict[str, np.ndarray], batch_size: int) -> Iterator[dict[str, np.ndarray]]:
@@ -61,34 +90,12 @@ def _feeds(item: Any, inputs: list[InputSpec]) -> dict[str, np.ndarray]:
     return {inputs[0].name: to_numpy(item)}
 
 
-def validate(feeds: dict[str, np.ndarray], inputs: list[InputSpec], where: str) -> dict[str, np.ndarray]:
-    out = {}
-    for spec in inputs:
-        if spec.name not in feeds:
-            raise DataError(f"{where}: no data for model input {spec.name!r} (got {sorted(feeds)})")
-        x = feeds[spec.name]
-        if not (np.issubdtype(x.dtype, np.number) or x.dtype == np.bool_):
-            raise DataError(f"{where}: input {spec.name!r} has dtype {x.dtype}; give numbers")
-        if x.ndim != len(spec.shape) or any(d is not None and d != s for d, s in zip(spec.shape, x.shape)):
-            shown = tuple("?" if d is None else d for d in spec.shape)
-            raise DataError(f"{where}: input {spec.name!r} has shape {x.shape} but the model expects "
-                            f"{shown}; reshape the data (batch first)")
-        x = x.astype(spec.dtype, copy=False)
-        if np.issubdtype(x.dtype, np.floating) and not np.isfinite(x).all():
-            raise DataError(f"{where}: input {spec.name!r} contains NaN or Inf; clean the data")
-        out[spec.name] = x
-    return out
-
-
 def iterate_batches(data: Any, inputs: list[InputSpec], batch_size: int = 256) -> tuple[Iterator[dict], int | None]:
-    """(iterator over validated feed dicts, number of batches if known)."""
+    """(iterator over prepared feed dicts, number of batches if known)."""
     if data is None:
         raise DataError("no calibration data given; pass dataloader= (an array, .npz path or iterable of batches)")
     if isinstance(data, (str, os.PathLike)):
-        path = Path(data)
-        if not path.is_file():
-            raise DataError(f"calibration file {path} does not exist")
-        data = load_npz(path)
+        data = load_npz(data)
     if isinstance(data, np.ndarray) or hasattr(data, "detach"):
         data = {inputs[0].name: to_numpy(data)}
     if isinstance(data, dict):
@@ -105,11 +112,12 @@ def iterate_batches(data: Any, inputs: list[InputSpec], batch_size: int = 256) -
     else:
         raise DataError(f"cannot use {type(data).__name__} as calibration data; give an array, "
                         "an .npz path, a dict of arrays or an iterable of batches")
+    feed = Feeder([(s.name, s.shape, s.dtype) for s in inputs], "calibration data")
 
     def generate() -> Iterator[dict]:
         seen = 0
         for i, item in enumerate(source):
-            feeds = validate(_feeds(item, inputs), inputs, f"calibration batch {i}")
+            feeds = feed(_feeds(item, inputs), f"calibration batch {i}: ")
             if len(next(iter(feeds.values()))) == 0:
                 continue
             seen += 1
@@ -121,9 +129,10 @@ def iterate_batches(data: Any, inputs: list[InputSpec], batch_size: int = 256) -
 
 
 def first_input(data: Any) -> np.ndarray:
-    """One sample (batch axis kept) of the data's first input, to trace a torch export with."""
+    """One sample (batch axis kept) of the data's first input, to trace a torch export with.
+    Integer images are scaled as calibration will scale them: the export traces in float."""
     if isinstance(data, (str, os.PathLike)):
-        data = load_npz(Path(data))
+        data = load_npz(data)
     if isinstance(data, np.ndarray) or hasattr(data, "detach"):
         sample = to_numpy(data)[:1]
     elif isinstance(data, dict):
@@ -137,4 +146,4 @@ def first_input(data: Any) -> np.ndarray:
         sample = None if item is None else to_numpy(item)[:1]
     if sample is None or len(sample) == 0:
         raise DataError("calibration data is empty; give at least one sample")
-    return sample
+    return scale_integers(sample)[0]

@@ -40,7 +40,8 @@ def _reduce_max(x: str, out: str, axes: list[int] | None, opset: int) -> tuple[l
     if opset < 18:
         return [helper.make_node("ReduceMax", [x], [out], axes=axes, keepdims=0)], []
     name = f"{out}.axes"
-    return [helper.make_node("ReduceMax", [x, name], [out], keepdims=0)], [numpy_helper.from_array(np.array(axes, np.int64), name)]
+    axes_value = numpy_helper.from_array(np.array(axes, np.int64), name)
+    return [helper.make_node("ReduceMax", [x, name], [out], keepdims=0)], [axes_value]
 
 
 def build(model: onnx.ModelProto, sites: list[ProbeSite], tails: bool) -> tuple[onnx.ModelProto, list[str], list[str]]:

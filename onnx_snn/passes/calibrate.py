@@ -104,7 +104,8 @@ class Calibrate(Pass):
         options = ConvertOptions.of(options, **given)
         self.data, self.options = data, options
         self.mode, self.per_channel, self.batch_size = options.mode, options.per_channel, options.batch_size
-        self.bins, self.progress, self.target_T, self.v_init = options.bins, options.progress, options.target_T, options.v_init
+        self.bins, self.progress = options.bins, options.progress
+        self.target_T, self.v_init = options.target_T, options.v_init
         self._inputs_seen = _InputRange()
 
     def call(self, model: onnx.ModelProto, record: ConversionRecord) -> PassResult:

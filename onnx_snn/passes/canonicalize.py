@@ -127,7 +127,8 @@ def _fold_node(node: gs.Node, opset: int) -> list[np.ndarray] | None:
                                for n, v in feeds.items()],
                               [helper.make_empty_tensor_value_info(o) for o in outs])
     try:
-        values = ReferenceEvaluator(helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])).run(None, feeds)
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+        values = ReferenceEvaluator(model).run(None, feeds)
     except Exception as e:  # noqa: BLE001 - an op the reference cannot fold simply stays
         log.debug("not folding %s (%s): %s", node.name, node.op, e)
         return None

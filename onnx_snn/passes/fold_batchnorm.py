@@ -180,10 +180,10 @@ def _to_affine(graph, bn, s, t) -> list[str]:
     dtype = const(bn.inputs[1]).dtype
     scaled = gs.Variable(unique_name(graph, f"{bn.name}.scaled"), dtype=bn.outputs[0].dtype, shape=x.shape)
     y = bn.outputs[0]
-    mul = gs.Node("Mul", f"{bn.name}.mul", inputs=[x, _new_const(graph, f"{bn.name}.scale", channel_shape(s, r), dtype)],
-                  outputs=[scaled])
-    add = gs.Node("Add", f"{bn.name}.add", inputs=[scaled, _new_const(graph, f"{bn.name}.shift", channel_shape(t, r), dtype)],
-                  outputs=[y])
+    scale = _new_const(graph, f"{bn.name}.scale", channel_shape(s, r), dtype)
+    shift = _new_const(graph, f"{bn.name}.shift", channel_shape(t, r), dtype)
+    mul = gs.Node("Mul", f"{bn.name}.mul", inputs=[x, scale], outputs=[scaled])
+    add = gs.Node("Add", f"{bn.name}.add", inputs=[scaled, shift], outputs=[y])
     graph.nodes += [mul, add]
     bn.outputs.clear()
     bn.inputs.clear()

@@ -12,6 +12,7 @@ import sys
 
 import numpy as np
 
+from .data import labelled_source
 from .errors import OnnxSnnError
 from .simulator import Evaluation, Simulator, save_json
 
@@ -53,7 +54,8 @@ def add_parser(sub) -> None:
     r = sub.add_parser("run", help="simulate a step model over a labelled dataset")
     r.add_argument("model", help="SNN step model (.snn.onnx)")
     r.add_argument("--data", default="fashion-mnist",
-                   help="'fashion-mnist' (test split), an .npz with x and y, or a folder of IDX files")
+                   help="'fashion-mnist' (test split), an .npz with x and y (or file.npz:ARRAY, labels "
+                        "y_SUFFIX for x_SUFFIX, else y or labels), or a folder of IDX files")
     r.add_argument("--T", type=int, default=None, help="timesteps (default: the model's target T, else 50)")
     r.add_argument("--batch-size", type=int, default=256)
     r.add_argument("--limit", type=int, default=None, help="use only the first N samples")
@@ -61,7 +63,7 @@ def add_parser(sub) -> None:
     r.add_argument("--no-cuda-graph", action="store_true", help="do not use CUDA graphs")
     r.add_argument("--json", default=None, help="write accuracy per t and firing rates as JSON")
     r.add_argument("--plot", default=None, help="write a plot of accuracy against t (PNG)")
-    r.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    r.add_argument("-q", "--quiet", action="store_true", help="no progress bar, no line naming the data")
     r.set_defaults(func=cmd_run)
 
 
@@ -98,8 +100,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     sim = Simulator(args.model, args.provider, cuda_graph=False if args.no_cuda_graph else "auto")
     T = args.T if args.T is not None else int(sim.spec.converter.get("target_T") or 50)
+    data, description = labelled_source(args.data, args.limit)  # read once, said before the long run
+    if not args.quiet:
+        print(description)
     print(f"provider: {sim.provider}; CUDA graphs {sim.cuda_graph_status}")
-    ev = sim.evaluate(args.data, T, batch_size=args.batch_size, limit=args.limit, progress=not args.quiet)
+    ev = sim.evaluate(data, T, batch_size=args.batch_size, progress=not args.quiet)
     print(format_evaluation(ev))
     if args.json:
         save_json(ev, args.json, model=str(args.model), provider=sim.provider)

@@ -11,7 +11,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from . import providers as prov
-from .data import labelled_batches, prepare
+from .data import Feeder, labelled_batches
 from .engine import Engine, Plan, np_type
 from .errors import DataError, OnnxSnnError
 from .format import KEY_RUNTIME_FORM, RuntimeForm, StepModelSpec
@@ -91,6 +91,7 @@ class Simulator:
         self.provider = "CUDAExecutionProvider" if self._engine.device == "cuda" else "CPUExecutionProvider"
         self.firing_available = bool(plan.spike_counts)
         self._streaming: int | None = None
+        self._feeder = Feeder(self.inputs, "simulator input")
         log.info("simulator on %s, CUDA graphs %s, runtime form %s", self.provider,
                  self._engine.cuda_graph_reason, "yes" if form else "no")
 
@@ -113,16 +114,16 @@ class Simulator:
     def cuda_graph_status(self) -> str:
         return self._engine.cuda_graph_reason
 
-    def _feeds(self, x) -> dict[str, np.ndarray]:
+    def _named(self, x) -> dict:
         if isinstance(x, dict):
-            missing = [n for n, _, _ in self.inputs if n not in x]
-            if missing:
-                raise DataError(f"no value for model input(s) {missing}")
-            return {n: prepare(x[n], shape, dtype, n) for n, shape, dtype in self.inputs}
+            return x
         if len(self.inputs) != 1:
             raise DataError(f"the model has inputs {[n for n, _, _ in self.inputs]}; pass a dict")
-        name, shape, dtype = self.inputs[0]
-        return {name: prepare(x, shape, dtype, name)}
+        return {self.inputs[0][0]: x}
+
+    def _feeds(self, x) -> dict[str, np.ndarray]:
+        # one Feeder per simulator: uint8 frames fed step by step are reported once, not per step
+        return self._feeder(self._named(x))
 
     def _pad(self, feeds: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], int]:
         """With CUDA graphs, a smaller batch is padded to the captured size (extra rows ignored)."""
@@ -204,10 +205,11 @@ class Simulator:
         correct = np.zeros(T)
         spikes = {layer: np.zeros(T) for layer in self.layers}
         neurons = {s.input: int(np.prod(s.shape[1:])) for s in self.spec.states if s.kind == "membrane"}
+        feed = Feeder(self.inputs, "evaluation data")  # says once per dataset what it converted
         seen = 0
         bar = tqdm(total=total, desc=f"simulating T={T}", unit="img", disable=not progress, leave=False)
         for x, y in batches:
-            out, counts = self.run(x, T, firing=True)
+            out, counts = self.run(feed(self._named(x)), T, firing=True)
             correct += (out.reshape(T, len(y), -1).argmax(-1) == np.asarray(y)[None]).sum(axis=1)
             for layer, c in counts.items():
                 spikes[layer] += c.sum(axis=1)

@@ -37,9 +37,10 @@ import onnxruntime as ort
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import onnx_snn  # noqa: E402
 from onnx_snn_runtime import Simulator  # noqa: E402
 from onnx_snn_runtime.datasets import load_fashion_mnist  # noqa: E402
+
+import onnx_snn  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 MODELS = ("sample_cnn", "vgg8", "resnet20", "maxpool_cnn")

@@ -47,12 +47,14 @@ def child(job: str, model: str, size: int, batch: int, threads: int) -> dict:
         run = lambda: [ann.run(None, {name: x[s:s + batch]}) for s in range(0, len(x), batch)]  # noqa: E731
     elif job == "ours":
         import onnxruntime as ort
+
         import onnx_snn
         ort.set_default_logger_severity(3)
         os.environ["OMP_NUM_THREADS"] = str(threads)
         run = lambda: onnx_snn.Converter(x, "99.9%", batch_size=batch, progress=False)(source)  # noqa: E731
     else:
         import copy
+
         import torch
         from spikingjelly.activation_based import ann2snn
         from zoo import load_trained

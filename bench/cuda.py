@@ -29,12 +29,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "models"))
 
-import onnx_snn  # noqa: E402
 from onnx_snn_runtime import Simulator  # noqa: E402
 from onnx_snn_runtime.datasets import load_fashion_mnist  # noqa: E402
 from onnx_snn_runtime.providers import session  # noqa: E402
 from timing import seconds  # noqa: E402
 from vs_spikingjelly import spikingjelly_snn  # noqa: E402
+
+import onnx_snn  # noqa: E402
 
 
 def best_seconds(run, repeats: int, sync=lambda: None) -> float:

@@ -24,11 +24,12 @@ import onnxruntime as ort
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import onnx_snn  # noqa: E402
 from onnx_snn_runtime import Simulator  # noqa: E402
 from onnx_snn_runtime.datasets import load_fashion_mnist  # noqa: E402
-from timing import add_timing_args, seconds, timed_images  # noqa: E402
 from onnx_snn_runtime.providers import session  # noqa: E402
+from timing import add_timing_args, seconds, timed_images  # noqa: E402
+
+import onnx_snn  # noqa: E402
 
 
 def main() -> None:

@@ -33,9 +33,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "runtime"))
 
+from onnx_snn_runtime import Simulator  # noqa: E402
+
 import onnx_snn  # noqa: E402
 from onnx_snn.errors import OnnxSnnError, PassError  # noqa: E402
-from onnx_snn_runtime import Simulator  # noqa: E402
 
 OPS = ["Relu", "Sigmoid", "Conv", "Gemm", "MatMul", "Add", "Mul", "AveragePool", "MaxPool", "Flatten",
        "Reshape", "Clip", "BatchNormalization", "Softmax", "Identity", "Concat", "Transpose", "Unknown"]

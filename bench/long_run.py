@@ -21,10 +21,11 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import onnx_snn  # noqa: E402
 from onnx_snn_runtime import Simulator  # noqa: E402
 from onnx_snn_runtime.datasets import load_fashion_mnist  # noqa: E402
 from timing import status_mb  # noqa: E402
+
+import onnx_snn  # noqa: E402
 
 
 def stream(sim: Simulator, x: np.ndarray, steps: int, every: int, warmup: int, report=print) -> list[tuple[int, float]]:

@@ -14,11 +14,11 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
+from onnx_snn_runtime import Simulator
+from onnx_snn_runtime.datasets import DEBIAN_DIR, load_fashion_mnist, read_idx_dir
 
 import onnx_snn
 from onnx_snn.passes.maxpool import STRATEGIES
-from onnx_snn_runtime import Simulator
-from onnx_snn_runtime.datasets import DEBIAN_DIR, load_fashion_mnist, read_idx_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
-
-import onnx_snn
 from onnx_snn_runtime import Simulator
 from onnx_snn_runtime.datasets import load_fashion_mnist
+
+import onnx_snn
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -12,11 +12,11 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
-
-import onnx_snn
 from onnx_snn_runtime import ProviderError, Simulator
 from onnx_snn_runtime.datasets import load_fashion_mnist
 from onnx_snn_runtime.providers import gpu_present
+
+import onnx_snn
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -26,10 +26,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "models"))
 
-import onnx_snn  # noqa: E402
 from onnx_snn_runtime import Simulator  # noqa: E402
 from onnx_snn_runtime.datasets import load_fashion_mnist  # noqa: E402
 from timing import add_timing_args, seconds, timed_images  # noqa: E402
+
+import onnx_snn  # noqa: E402
 
 
 def spikingjelly_snn(lambdas: list[float]):

@@ -6,11 +6,11 @@ import argparse
 from pathlib import Path
 
 import numpy as np
+from onnx_snn_runtime import Simulator
+from onnx_snn_runtime.datasets import load_fashion_mnist
 
 import onnx_snn
 from onnx_snn.inspect import format_report, inspect
-from onnx_snn_runtime import Simulator
-from onnx_snn_runtime.datasets import load_fashion_mnist
 
 ROOT = Path(__file__).resolve().parents[1]
 

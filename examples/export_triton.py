@@ -5,9 +5,10 @@
 import argparse
 from pathlib import Path
 
+from onnx_snn_runtime.datasets import load_fashion_mnist
+
 import onnx_snn
 from onnx_snn.triton_export import export_triton
-from onnx_snn_runtime.datasets import load_fashion_mnist
 
 ROOT = Path(__file__).resolve().parents[1]
 

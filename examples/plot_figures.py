@@ -5,11 +5,12 @@
 import argparse
 from pathlib import Path
 
-import onnx_snn
-from onnx_snn.plots import plot_firing_rates, plot_if_neuron
 from onnx_snn_runtime import Simulator
 from onnx_snn_runtime.cli import plot_accuracy
 from onnx_snn_runtime.datasets import load_fashion_mnist
+
+import onnx_snn
+from onnx_snn.plots import plot_firing_rates, plot_if_neuron
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -10,10 +10,10 @@ from pathlib import Path
 import numpy as np
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
-
-import onnx_snn
 from onnx_snn_runtime.datasets import load_fashion_mnist
 from onnx_snn_runtime.serve import serve
+
+import onnx_snn
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -9,8 +9,7 @@ __version__ = "0.1.0"
 from onnx_snn_runtime.format import StepModelSpec
 
 from .converter import Converter
-from .errors import (CalibrationError, DataError, ModelLoadError, OnnxSnnError, OptionError, PassError,
-                     UnsupportedOpError)
+from .errors import CalibrationError, DataError, ModelLoadError, OnnxSnnError, OptionError, PassError, UnsupportedOpError
 from .io import save
 from .ops import if_neuron
 

@@ -15,7 +15,6 @@ from collections import Counter
 
 import numpy as np
 import onnx
-
 from onnx_snn_runtime.format import KEY_FORMAT, KEY_RUNTIME_FORM, StepModelSpec, metadata
 
 from .errors import UnsupportedOpError

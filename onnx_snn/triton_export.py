@@ -33,7 +33,6 @@ from pathlib import Path
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
-
 from onnx_snn_runtime.format import StepModelSpec
 
 from .errors import OnnxSnnError, OptionError

@@ -3,7 +3,6 @@ import os
 from pathlib import Path
 
 import pytest
-
 from onnx_snn_runtime.datasets import load_fashion_mnist
 
 # every conversion in the tests checks each pass's guarantee on its result (PassManager, passes.base)

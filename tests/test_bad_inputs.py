@@ -5,14 +5,13 @@ import os
 import numpy as np
 import onnx
 import pytest
+from conftest import SAMPLE_ONNX
 from onnx import helper, numpy_helper
+from onnx_builder import GraphBuilder
 
 import onnx_snn
 from onnx_snn.cli import main
 from onnx_snn.errors import ModelLoadError, OnnxSnnError
-
-from conftest import SAMPLE_ONNX
-from onnx_builder import GraphBuilder
 
 
 def sample():
@@ -205,6 +204,7 @@ def test_a_write_that_fails_or_is_interrupted_leaves_nothing(bundled, tmp_path, 
     """save() writes into a temporary folder and renames: a failure, or Ctrl-C, mid-write leaves
     neither a partial output nor the temporary folder (and an older output stays as it was)."""
     from pathlib import Path
+
     from onnx_snn import io
     snn = onnx_snn.Converter(bundled[0][:32], progress=False)(SAMPLE_ONNX)
     out = tmp_path / "out.snn.onnx"

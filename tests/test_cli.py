@@ -5,11 +5,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import SAMPLE_ONNX
 
 import onnx_snn
 from onnx_snn.cli import main
-
-from conftest import SAMPLE_ONNX
 
 
 @pytest.fixture

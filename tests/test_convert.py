@@ -5,15 +5,14 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from conftest import ROOT, SAMPLE_ONNX
+from helpers import rel_err, run_ort
 from onnx.reference import ReferenceEvaluator
-
-import onnx_snn
-from onnx_snn.ops import if_neuron
 from onnx_snn_runtime.format import KEY_FORMAT, StepModelSpec
 from onnx_snn_runtime.loop import simulate
 
-from conftest import ROOT, SAMPLE_ONNX
-from helpers import rel_err, run_ort
+import onnx_snn
+from onnx_snn.ops import if_neuron
 
 
 @pytest.fixture(scope="module")

@@ -2,10 +2,8 @@
 ``pytest -q tests/test_cuda.py -s``; ``bench/runtime.py`` prints the matching timings."""
 import numpy as np
 import pytest
-
 from onnx_snn_runtime import Simulator
 from onnx_snn_runtime.providers import gpu_present
-
 
 pytestmark = pytest.mark.skipif(not gpu_present(), reason="no GPU on this machine")
 

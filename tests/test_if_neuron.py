@@ -2,12 +2,11 @@
 import numpy as np
 import onnx
 import pytest
+from helpers import run_ort
 from onnx import TensorProto, helper
 from onnx.reference import ReferenceEvaluator
 
 from onnx_snn.ops import if_neuron
-
-from helpers import run_ort
 
 
 def neuron_model(opset=17, dtype=TensorProto.FLOAT, body_modes=if_neuron.RESET_MODES, **attrs):

@@ -2,13 +2,12 @@
 import json
 
 import numpy as np
+from conftest import SAMPLE_ONNX
+from onnx_builder import GraphBuilder
 
 import onnx_snn
 from onnx_snn.cli import main
 from onnx_snn.inspect import inspect
-
-from conftest import SAMPLE_ONNX
-from onnx_builder import GraphBuilder
 
 
 def test_ann_report_lists_neurons_folds_and_no_refusal():

@@ -4,15 +4,14 @@ import logging
 import numpy as np
 import onnx
 import pytest
+from conftest import SAMPLE_ONNX
+from helpers import rel_err, run_ort
 from onnx import helper, numpy_helper
+from onnx_builder import GraphBuilder
+from onnx_snn_runtime.loop import simulate
 
 import onnx_snn
 from onnx_snn.errors import ModelLoadError, OptionError, UnsupportedOpError
-from onnx_snn_runtime.loop import simulate
-
-from conftest import SAMPLE_ONNX
-from helpers import rel_err, run_ort
-from onnx_builder import GraphBuilder
 
 
 def calib(shape, n=64, seed=0):

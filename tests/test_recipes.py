@@ -1,15 +1,14 @@
 """Conversion recipes for low T: threshold search, half-threshold initial potential, target T."""
 import numpy as np
 import pytest
+from onnx_builder import GraphBuilder
+from onnx_snn_runtime import Simulator
 
 import onnx_snn
 from onnx_snn.calibration.search import quantised, search_threshold
 from onnx_snn.calibration.stats import StreamingHistogram
 from onnx_snn.cli import main
 from onnx_snn.errors import OptionError
-from onnx_snn_runtime import Simulator
-
-from onnx_builder import GraphBuilder
 
 
 @pytest.mark.parametrize("T,v_init", [(4, 0.5), (8, 0.5), (16, 0.0)])
@@ -91,8 +90,10 @@ def test_recipe_options_are_checked(options, match):
 
 def test_bias_correction_makes_mean_snn_outputs_match_the_ann_layer_by_layer():
     import json
-    from onnx_snn.passes.correct_bias import analog_model
+
     from onnx_snn_runtime.format import KEY_STATES, State
+
+    from onnx_snn.passes.correct_bias import analog_model
     b = GraphBuilder(seed=4)
     h = b.op("Relu", [b.op("Conv", ["x", b.rand(4, 2, 3, 3), b.rand(4)])])
     y = b.op("Relu", [b.op("Conv", [h, b.rand(3, 4, 3, 3), b.rand(3)])])
@@ -209,10 +210,11 @@ def maxpool_net(b: GraphBuilder) -> str:
 def test_correction_segments_fed_recorded_trains_compute_what_the_whole_model_does(net):
     """CorrectBias simulates each layer as a segment of the graph fed the upstream layers'
     recorded outputs: per step, exactly what the whole step model computes."""
-    from onnx_snn.passes.correct_bias import segment
     from onnx_snn_runtime.format import StepModelSpec
     from onnx_snn_runtime.loop import simulate
+
     from onnx_snn.model_util import probe_session
+    from onnx_snn.passes.correct_bias import segment
     b = GraphBuilder(seed=5)
     model = b.model({"x": ["N", 2, 8, 8]}, [b.op("ReduceMean", [net(b)], axes=[2, 3])])
     x = np.random.default_rng(3).random((16, 2, 8, 8)).astype(np.float32)
@@ -238,9 +240,10 @@ def test_correction_segments_fed_recorded_trains_compute_what_the_whole_model_do
 
 def snn_mean(snn, feeds, output, T):
     """Mean over T steps of tensor ``output`` of the whole step model (the plain loop)."""
-    from onnx_snn.model_util import probe_session
     from onnx_snn_runtime.format import StepModelSpec
     from onnx_snn_runtime.loop import simulate
+
+    from onnx_snn.model_util import probe_session
     spec = StepModelSpec(onnx_snn.spec(snn).states, {output: "sum"})
     return simulate(probe_session(snn, [output]), feeds, T, spec, per_step=False)[output] / T
 

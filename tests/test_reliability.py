@@ -4,10 +4,8 @@ import sys
 import threading
 
 import numpy as np
-
-from onnx_snn_runtime import Simulator
-
 from conftest import ROOT
+from onnx_snn_runtime import Simulator
 
 sys.path.insert(0, str(ROOT / "bench"))
 from long_run import stream  # noqa: E402

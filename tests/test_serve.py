@@ -11,13 +11,12 @@ import time
 
 import numpy as np
 import pytest
-
-import onnx_snn
+from conftest import ROOT, SAMPLE_ONNX
 from onnx_snn_runtime import Simulator
 from onnx_snn_runtime.loop import simulate
 from onnx_snn_runtime.providers import session
 
-from conftest import ROOT, SAMPLE_ONNX
+import onnx_snn
 
 sys.path.insert(0, str(ROOT / "bench"))
 from timing import status_mb  # noqa: E402 - bench/timing.py, the benchmarks' /proc reader

@@ -4,16 +4,15 @@ import json
 import numpy as np
 import onnx
 import pytest
+from conftest import SAMPLE_ONNX
+from helpers import run_ort
+from onnx_builder import GraphBuilder
+from onnx_snn_runtime import DataError, FormatError, OnnxSnnError, ProviderError, Simulator
+from onnx_snn_runtime.providers import gpu_present
 
 import onnx_snn
 from onnx_snn.cli import main
 from onnx_snn.ops.if_neuron import if_step
-from onnx_snn_runtime import DataError, FormatError, OnnxSnnError, ProviderError, Simulator
-from onnx_snn_runtime.providers import gpu_present
-
-from conftest import SAMPLE_ONNX
-from helpers import run_ort
-from onnx_builder import GraphBuilder
 
 
 def dyadic(rng, shape, lo, hi, step):

@@ -4,13 +4,13 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from onnx_snn_runtime import Simulator
+from onnx_snn_runtime.format import StepModelSpec
 
 import onnx_snn
 from onnx_snn.cli import main
 from onnx_snn.errors import OnnxSnnError
 from onnx_snn.triton_export import START, export_triton
-from onnx_snn_runtime import Simulator
-from onnx_snn_runtime.format import StepModelSpec
 
 TYPES = {"float32": "TYPE_FP32", "float64": "TYPE_FP64", "float16": "TYPE_FP16"}
 

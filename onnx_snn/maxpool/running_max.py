@@ -15,7 +15,6 @@ Graph change: the MaxPool is replaced by ``Add(m, x) -> m.next``, ``MaxPool(m)``
 from __future__ import annotations
 
 import onnx_graphsurgeon as gs
-
 from onnx_snn_runtime.format import MAXPOOL_SUM, State
 
 from ..graph import np_dtype, state_shape

@@ -7,7 +7,8 @@ Guarantees on the model it returns (its maths unchanged):
   from an earlier conversion, no model-local functions (exporter functions are inlined);
 * no ``Constant`` nodes: every constant is an initializer; nodes whose inputs are all constant,
   and ``Shape`` of a fully static tensor, are folded;
-* no ``Identity`` and no inference-time ``Dropout`` nodes;
+* no ``Identity`` and no inference-time ``Dropout`` nodes, except one that copies a graph input
+  or output to another graph output (both names are the model's interface, so it stays);
 * every node has a unique, non-empty name (later passes and error messages refer to it);
 * nodes in topological order; a model onnxruntime cannot load, or whose standard ops
   contradict its shapes, is refused here with the reason;
@@ -152,6 +153,7 @@ def _constant_node_value(node: gs.Node) -> np.ndarray:
 
 class Canonicalize(Pass):
     def call(self, model: onnx.ModelProto, record: ConversionRecord) -> PassResult:
+        source = model
         if any(n.domain == if_neuron.DOMAIN for n in model.graph.node):
             raise ModelLoadError("the model already contains onnx_snn neurons (it is an SNN step model); "
                                  "convert the original ANN instead")
@@ -225,15 +227,19 @@ class Canonicalize(Pass):
         kept = [i for i in out.graph.input if i.name not in inits]
         del out.graph.input[:]
         out.graph.input.extend(kept)
-        return PassResult(infer_shapes(out), True, record)
+        out = infer_shapes(out)
+        changed = out.SerializeToString(deterministic=True) != source.SerializeToString(deterministic=True)
+        return PassResult(out, changed, record)
 
     def ensures(self, model: onnx.ModelProto, record: ConversionRecord) -> None:
         if default_opset(model) < if_neuron.MIN_ONNX_OPSET:
             raise ContractError(f"opset {default_opset(model)} < {if_neuron.MIN_ONNX_OPSET}")
         if model.functions:
             raise ContractError("model-local functions left")
+        interface = {i.name for i in model.graph.input} | {o.name for o in model.graph.output}
         left = [n.name for n in model.graph.node if n.op_type in ("Constant", "Identity", "Dropout")
-                and n.domain in ("", "ai.onnx")]
+                and n.domain in ("", "ai.onnx")
+                and not (n.op_type == "Identity" and n.input[0] in interface and n.output[0] in interface)]
         if left:
             raise ContractError(f"Constant/Identity/Dropout nodes left: {left}")
         names = [n.name for n in model.graph.node]

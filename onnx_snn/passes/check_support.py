@@ -5,8 +5,8 @@ from __future__ import annotations
 import onnx
 
 from ..graph import import_graph
-from ..support import check_graph
 from ..record import ConversionRecord
+from ..support import check_graph
 from .base import Pass, PassResult
 
 

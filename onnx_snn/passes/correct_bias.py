@@ -39,7 +39,6 @@ from functools import cached_property
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
-
 from onnx_snn_runtime.format import MEMBRANE, State
 
 from ..calibration.data import InputSpec, iterate_batches
@@ -157,6 +156,8 @@ class CorrectBias(Pass):
         if any(site.state is None or site.scale_in is None for site in record.sites):
             raise ContractError("CorrectBias needs IF neurons with their input scales (run InsertNeurons with "
                                 "neuron='if', before FoldScales)")
+        if any(site.shift is not None for site in record.sites):
+            raise ContractError("the model's biases are corrected already; CorrectBias runs once per conversion")
 
     def ensures(self, model: onnx.ModelProto, record: ConversionRecord) -> None:
         names = {n.name for n in model.graph.node}

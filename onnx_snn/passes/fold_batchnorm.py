@@ -171,6 +171,13 @@ def fold_into_producer(graph: gs.Graph, x: gs.Tensor, reader: gs.Node, s: np.nda
     return _FOLDERS[prev.op](graph, prev, s, t)
 
 
+def _weighted_layer(node: gs.Node | None) -> gs.Node | None:
+    """The node holding the weights a fold changes: ``node``, or the MatMul of a MatMul+Add."""
+    if node is not None and node.op == "Add":
+        return next((producer(t) for t in node.inputs if producer(t) is not None and producer(t).op == "MatMul"), node)
+    return node
+
+
 def _to_affine(graph, bn, s, t) -> list[str]:
     x = bn.inputs[0]
     r = rank(x)
@@ -199,11 +206,12 @@ class FoldBatchNorm(Pass):
                 bn.outputs.pop()  # running statistics of inference-mode exports are unused
             s, t = bn_scale_shift(bn)
             x = bn.inputs[0]
+            layer = _weighted_layer(producer(x))  # before the fold, which may add a bias node after it
             check = fold_into_producer(graph, x, bn, s, t)
             if check:
                 bypass(graph, bn, x)  # x has no other reader and is no graph input: always possible
-                record.batchnorms.append(BatchNormFold(bn.name, producer(x).name))
-                log.info("folded %s into %s", bn.name, producer(x).name)
+                record.batchnorms.append(BatchNormFold(bn.name, layer.name))
+                log.info("folded %s into %s", bn.name, layer.name)
             else:
                 record.batchnorms.append(BatchNormFold(bn.name, None, _to_affine(graph, bn, s, t)))
                 log.info("turned %s into a per-channel affine: %s", bn.name, check.reason)

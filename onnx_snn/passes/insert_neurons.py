@@ -25,7 +25,6 @@ import logging
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
-
 from onnx_snn_runtime.format import MEMBRANE, State
 
 from ..errors import CalibrationError, OnnxSnnError, OptionError

@@ -22,6 +22,7 @@ from .base import ContractError, Pass, PassResult
 class AddOutputNeurons(Pass):
     def call(self, model: onnx.ModelProto, record: ConversionRecord) -> PassResult:
         graph = import_graph(model)
+        added = 0
         for i, out in enumerate(list(graph.outputs)):
             pre = gs.Variable(unique_name(graph, f"{out.name}.pre_readout"), dtype=out.dtype, shape=out.shape)
             producer = out.inputs[0] if out.inputs else None
@@ -31,6 +32,9 @@ class AddOutputNeurons(Pass):
             for consumer in list(out.outputs):
                 consumer.inputs[consumer.inputs.index(out)] = pre
             graph.nodes.append(gs.Node("Relu", unique_name(graph, f"readout_{i}"), inputs=[pre], outputs=[out]))
+            added += 1
+        if not added:
+            return PassResult(model, False, record)
         return PassResult(export_model(graph, model), True, record)
 
     def ensures(self, model: onnx.ModelProto, record: ConversionRecord) -> None:

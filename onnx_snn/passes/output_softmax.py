@@ -1,7 +1,8 @@
 """Drop a Softmax/LogSoftmax that produces a graph output.
 
 Guarantee: every graph output keeps its name; one that was ``Softmax(z)`` or ``LogSoftmax(z)``
-becomes ``z`` (the logits). The SNN decodes by summing each step's output over time, and a sum
+becomes ``z`` (the logits; an ``Identity`` of ``z`` when ``z`` is itself a graph output or
+input). The SNN decodes by summing each step's output over time, and a sum
 of logits has the same argmax as the ANN's softmax, while a sum of per-step softmaxes would not
 be the softmax of anything. The names of dropped nodes are recorded
 (``ConversionRecord.dropped_softmax``; the step model lists them among the converter options).
@@ -27,10 +28,13 @@ class DropOutputSoftmax(Pass):
         for out in list(graph.outputs):
             node = producer(out)
             if node is not None and node.op in ("Softmax", "LogSoftmax") and len(out.outputs) == 0:
-                if bypass(graph, node, node.inputs[0]):
-                    dropped.append(node.name)
-                    log.info("dropped %s (%s) before output %r: the SNN sums logits over time",
-                             node.name, node.op, out.name)
+                if not bypass(graph, node, node.inputs[0]):
+                    # the logits are a graph output too (a model returning logits and
+                    # probabilities): both names stay, this one becomes a copy of the logits
+                    node.op, node.attrs = "Identity", {}
+                dropped.append(node.name)
+                log.info("dropped %s (%s) before output %r: the SNN sums logits over time",
+                         node.name, node.op, out.name)
         if not dropped:
             return PassResult(model, False, record)
         record.dropped_softmax += dropped

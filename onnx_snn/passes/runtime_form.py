@@ -21,10 +21,10 @@ import logging
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
-
 from onnx_snn_runtime.format import KEY_RUNTIME_FORM, MEMBRANE, RuntimeForm, SpikeCount
 
 from ..graph import add_output_sums, export_model, import_graph
+from ..model_util import with_metadata
 from ..ops import if_neuron
 from ..record import ConversionRecord
 from .base import ContractError, Pass, PassResult
@@ -109,9 +109,7 @@ class EmbedRuntimeForm(Pass):
         body.outputs = outputs
         body.cleanup(remove_unused_graph_inputs=False)
         form = RuntimeForm(boundary, prefix_bytes, _serialize(body, model, with_neuron=True), states, counts)
-        out = onnx.ModelProto()
-        out.CopyFrom(model)
-        out.metadata_props.add(key=KEY_RUNTIME_FORM, value=form.to_json())
+        out = with_metadata(model, KEY_RUNTIME_FORM, form.to_json())  # replaces an earlier one
         log.info("runtime form: prefix %s -> boundary %s; body with %d states",
                  "present" if prefix_bytes else "empty", boundary, len(states))
         return PassResult(out, True, record)

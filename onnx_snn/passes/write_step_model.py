@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-
 from onnx_snn_runtime.format import StepModelSpec, metadata
 
 from ..errors import ModelWeightsError, PassError

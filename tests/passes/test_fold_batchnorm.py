@@ -1,22 +1,37 @@
-"""BatchNorm folding: every foldable and standalone case computes what the original did (1e-5 relative)."""
+"""BatchNorm folding: every foldable and standalone case computes what the original did (1e-5 relative),
+and the record says where each BatchNormalization went (folded into a layer, or an affine)."""
 import numpy as np
 import pytest
-
-from onnx_snn.passes.canonicalize import Canonicalize
-from onnx_snn.passes.fold_batchnorm import FoldBatchNorm
-
 from helpers import rel_err, run_ort
 from onnx_builder import GraphBuilder
+
+from onnx_snn.passes.base import ContractError
+from onnx_snn.passes.canonicalize import Canonicalize
+from onnx_snn.passes.fold_batchnorm import FoldBatchNorm
+from onnx_snn.record import BatchNormFold, ConversionRecord
 
 TOL = 1e-5
 
 
+def fold_result(model):
+    """The pass's result (model, record) on the canonicalized ``model``, its guarantee checked."""
+    result = FoldBatchNorm()(Canonicalize()(model).model)
+    FoldBatchNorm().ensures(result.model, result.record)
+    return result
+
+
 def fold(model):
-    return FoldBatchNorm()(Canonicalize()(model).model).model
+    return fold_result(model).model
+
+
+def names(model, op_type):
+    return [n.name for n in model.graph.node if n.op_type == op_type]
 
 
 def check(model, inputs: dict, expect_ops: set[str] | None = None, forbid_ops=("BatchNormalization",)):
-    folded = fold(model)
+    """Fold, check the ops left and the numbers; returns the pass's result."""
+    result = fold_result(model)
+    folded = result.model
     ops = [n.op_type for n in folded.graph.node]
     for op in forbid_ops:
         assert op not in ops, ops
@@ -27,7 +42,17 @@ def check(model, inputs: dict, expect_ops: set[str] | None = None, forbid_ops=("
     for a, b in zip(run_ort(folded, feeds), run_ort(model, feeds)):
         err = rel_err(a, b)
         assert err <= TOL, err
-    return folded
+    assert result.modified is True
+    assert [o.name for o in folded.graph.output] == [o.name for o in model.graph.output]
+    return result
+
+
+def assert_folded_into(model, result, layer_op):
+    """Each BatchNormalization is recorded as folded into the one ``layer_op`` node (no affine),
+    and that layer is still there under its name."""
+    layer, = names(model, layer_op)
+    assert result.record.batchnorms == [BatchNormFold(bn, layer, []) for bn in names(model, "BatchNormalization")]
+    assert layer in names(result.model, layer_op)
 
 
 CONV_CASES = [dict(group=1), dict(group=2), dict(group=4, depthwise=True), dict(group=1, pads=[1, 2, 1, 0]),
@@ -43,7 +68,12 @@ def test_conv_bn_folds_into_weights(case):
     cout = 4 if depthwise else 6
     inputs = ["x", b.rand(cout, 4 // g, 3, 3)] + ([b.rand(cout)] if bias else [])
     y = b.bn(b.op("Conv", inputs, group=g, **case), cout)
-    check(b.model({"x": ["N", 4, 9, 9]}, [y]), {"x": [3, 4, 9, 9]}, forbid_ops=("BatchNormalization", "Mul", "Add"))
+    model = b.model({"x": ["N", 4, 9, 9]}, [y])
+    result = check(model, {"x": [3, 4, 9, 9]}, forbid_ops=("BatchNormalization", "Mul", "Add"))
+    assert_folded_into(model, result, "Conv")
+    conv, = result.model.graph.node
+    assert len(conv.input) == 3  # a bias is added where there was none
+    assert conv.input[1] != model.graph.node[0].input[1]  # new weights, the old ones may be shared
 
 
 @pytest.mark.parametrize("group,strides,bias", [(1, [1, 1], True), (2, [2, 2], True), (2, [1, 1], False)])
@@ -51,7 +81,9 @@ def test_convtranspose_bn_folds_into_weights(group, strides, bias):
     b = GraphBuilder()
     inputs = ["x", b.rand(4, 6 // group, 3, 3)] + ([b.rand(6)] if bias else [])
     y = b.bn(b.op("ConvTranspose", inputs, group=group, strides=strides), 6)
-    check(b.model({"x": ["N", 4, 5, 5]}, [y]), {"x": [2, 4, 5, 5]}, forbid_ops=("BatchNormalization", "Mul", "Add"))
+    model = b.model({"x": ["N", 4, 5, 5]}, [y])
+    result = check(model, {"x": [2, 4, 5, 5]}, forbid_ops=("BatchNormalization", "Mul", "Add"))
+    assert_folded_into(model, result, "ConvTranspose")
 
 
 @pytest.mark.parametrize("trans_b", [0, 1])
@@ -61,15 +93,34 @@ def test_gemm_bn_folds_into_weights(trans_b, bias_shape):
     w = b.rand(7, 5) if trans_b else b.rand(5, 7)
     inputs = ["x", w] + ([b.rand(*bias_shape)] if bias_shape else [])
     y = b.bn(b.op("Gemm", inputs, transB=trans_b, alpha=0.7, beta=1.3), 7)
-    check(b.model({"x": ["N", 5]}, [y]), {"x": [4, 5]}, forbid_ops=("BatchNormalization", "Mul", "Add"))
+    model = b.model({"x": ["N", 5]}, [y])
+    result = check(model, {"x": [4, 5]}, forbid_ops=("BatchNormalization", "Mul", "Add"))
+    assert_folded_into(model, result, "Gemm")
 
 
 def test_matmul_bn_and_matmul_add_bn_fold():
     b = GraphBuilder()
     y1 = b.bn(b.op("MatMul", ["x", b.rand(5, 7)]), 7)
     y2 = b.bn(b.op("Add", [b.op("MatMul", ["x", b.rand(5, 7)]), b.rand(7)]), 7)
-    folded = check(b.model({"x": ["N", 5]}, [y1, y2]), {"x": [4, 5]}, forbid_ops=("BatchNormalization", "Mul"))
+    model = b.model({"x": ["N", 5]}, [y1, y2])
+    result = check(model, {"x": [4, 5]}, forbid_ops=("BatchNormalization", "Mul"))
+    folded = result.model
     assert [n.op_type for n in folded.graph.node].count("Add") == 2  # one new bias, one reused
+    bn1, bn2 = names(model, "BatchNormalization")
+    mm1, mm2 = names(model, "MatMul")
+    add, = names(model, "Add")
+    assert [r.node for r in result.record.batchnorms] == [bn1, bn2]
+    assert all(r.affine == [] for r in result.record.batchnorms)
+    assert result.record.batchnorms[1].into in (mm2, add)  # the MatMul's weights, the Add's bias
+    assert set(names(model, "MatMul")) <= set(names(folded, "MatMul")) and add in names(folded, "Add")
+
+
+def test_matmul_bn_is_recorded_as_folded_into_the_matmul():
+    b = GraphBuilder()
+    y = b.bn(b.op("MatMul", ["x", b.rand(5, 7)]), 7)
+    model = b.model({"x": ["N", 5]}, [y])
+    result = check(model, {"x": [4, 5]}, forbid_ops=("BatchNormalization", "Mul"))
+    assert_folded_into(model, result, "MatMul")
 
 
 @pytest.mark.parametrize("where", ["after_add", "after_concat", "after_relu", "shared_conv_output",
@@ -92,8 +143,44 @@ def test_standalone_bn_becomes_affine(where):
         shape = ["N", 4, 5]
         y = b.bn(b.op("MatMul", ["x", b.rand(5, 3)]), 4)  # BN's channel axis 1 is not the weight's axis
     model = b.model({"x": shape}, [y])
-    folded = check(model, {"x": [3] + shape[1:]}, expect_ops={"Mul", "Add"})
+    result = check(model, {"x": [3] + shape[1:]}, expect_ops={"Mul", "Add"})
+    folded = result.model
     assert folded.graph.output[0].name == model.graph.output[0].name
+    bn, = names(model, "BatchNormalization")
+    assert result.record.batchnorms == [BatchNormFold(bn, None, [f"{bn}.mul", f"{bn}.add"])]
+    by_name = {n.name: n for n in folded.graph.node}
+    mul, add = by_name[f"{bn}.mul"], by_name[f"{bn}.add"]
+    assert (mul.op_type, add.op_type) == ("Mul", "Add") and add.input[0] == mul.output[0]
+    weights = {n: names(model, n) for n in ("Conv", "MatMul")}
+    for op, layer_names in weights.items():  # the layers before are untouched
+        assert layer_names == names(folded, op)
+
+
+def test_graph_without_batchnorm_is_unchanged():
+    b = GraphBuilder()
+    y = b.op("Relu", [b.op("Add", [b.op("Conv", ["x", b.rand(4, 4, 3, 3), b.rand(4)]), b.rand(4, 1, 1)])])
+    model = Canonicalize()(b.model({"x": ["N", 4, 6, 6]}, [y])).model
+    original = model.SerializeToString()
+    result = FoldBatchNorm()(model, ConversionRecord())
+    assert result.modified is False
+    assert result.model.SerializeToString() == original
+    assert result.record.batchnorms == []
+    FoldBatchNorm().ensures(result.model, result.record)
+
+
+def test_input_record_is_not_changed():
+    b = GraphBuilder()
+    model = Canonicalize()(b.model({"x": ["N", 4, 3, 3]}, [b.bn("x", 4)])).model
+    record = ConversionRecord()
+    result = FoldBatchNorm()(model, record)
+    assert record.batchnorms == [] and len(result.record.batchnorms) == 1
+
+
+def test_ensures_catches_a_batchnorm_left():
+    b = GraphBuilder()
+    model = b.model({"x": ["N", 4, 3, 3]}, [b.bn("x", 4)])
+    with pytest.raises(ContractError, match="BatchNormalization left"):
+        FoldBatchNorm().ensures(model, ConversionRecord())
 
 
 def test_training_mode_bn_is_refused():
@@ -144,8 +231,15 @@ def test_torch_exports_with_batchnorm_preserved_fold_exactly(exporter):
     from onnx_snn.torch_export import export_module
     model = export_module(net, torch.randn(2, 1, 8, 8), exporter=exporter, preserve_batchnorm=True)
     assert [n.op_type for n in model.graph.node].count("BatchNormalization") == 4
-    folded = check(model, {"input": [5, 1, 8, 8]})
+    result = check(model, {"input": [5, 1, 8, 8]})
+    folded = result.model
     x = np.random.default_rng(3).standard_normal((5, 1, 8, 8)).astype(np.float32)
     with torch.no_grad():
         expected = net(torch.from_numpy(x)).numpy()
     assert rel_err(run_ort(folded, {"input": x})[0], expected) <= TOL
+    # b1 and b3 fold into their layers; b2 (after the residual Add) and the one after a ReLU stay affines
+    assert [r.into is None for r in result.record.batchnorms].count(True) == 2
+    assert {r.node for r in result.record.batchnorms} == set(names(model, "BatchNormalization"))
+    left = {n.name for n in folded.graph.node}
+    for r in result.record.batchnorms:
+        assert (r.into in left) if r.into else (set(r.affine) <= left and len(r.affine) == 2)

@@ -180,6 +180,8 @@ class CorrectBias(Pass):
         return {k: np.concatenate(v)[: self.samples] for k, v in taken.items()}
 
     def call(self, model: onnx.ModelProto, record: ConversionRecord) -> PassResult:
+        if not (self.bias or self.potential):
+            return PassResult(model, False, record)
         states, layers = record.states, record.sites
         outputs = [site.output for site in layers]
         feeds = self._inputs(model, states)

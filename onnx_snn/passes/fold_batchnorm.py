@@ -118,14 +118,15 @@ def _fold_gemm(graph, gemm, s, t) -> Check:
 
 def _fold_matmul(graph, node, s, t) -> Check:
     """MatMul(x, W) or MatMul(x, W) -> Add(b), 2-D output: scale W's columns, fold t into the bias."""
-    if rank(node.outputs[0]) != 2:  # the channel axis is the weight's column axis only for [N, F]
-        return fail(f"{node.name}'s output is not 2-D [N, F]")
     add = None
     if node.op == "Add":
         add, bias_index = node, next((i for i in (0, 1) if const(node.inputs[i]) is not None), None)
         mm = producer(node.inputs[1 - bias_index]) if bias_index is not None else None
         if mm is None or mm.op != "MatMul" or sole_consumer(graph, mm.outputs[0]) is not add:
             return fail(f"{node.name} is not the sole reader of a MatMul, plus a constant bias")
+    if rank(node.outputs[0]) != 2:  # the channel axis is the weight's column axis only for [N, F]
+        return fail(f"{node.name}'s output is not 2-D [N, F]")
+    if add is not None:
         bias = const(add.inputs[bias_index]).astype(np.float64)
         if bias.size not in (1, len(s)) or bias.ndim > 1 and bias.shape[0] != 1:
             return fail(f"{node.name}'s bias is not per feature")

@@ -18,7 +18,7 @@ import onnxruntime as ort
 
 from . import providers as prov
 from .errors import OnnxSnnError
-from .format import SpikeCount, State
+from .format import OUTPUT_SUM, SpikeCount, State
 
 log = logging.getLogger(__name__)
 _graph_ids = itertools.count(1)
@@ -36,7 +36,7 @@ class Plan:
 
     @property
     def accumulators(self) -> dict[str, State]:
-        return {s.layer: s for s in self.states if s.kind == "output_sum"}
+        return {s.layer: s for s in self.states if s.kind == OUTPUT_SUM}
 
 
 class Engine:

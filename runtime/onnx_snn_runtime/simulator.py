@@ -14,7 +14,7 @@ from . import providers as prov
 from .data import Feeder, labelled_batches
 from .engine import Engine, Plan, np_type
 from .errors import DataError, OnnxSnnError
-from .format import KEY_RUNTIME_FORM, RuntimeForm, StepModelSpec
+from .format import KEY_RUNTIME_FORM, MEMBRANE, RuntimeForm, StepModelSpec
 from .loop import check_T
 
 log = logging.getLogger(__name__)
@@ -79,7 +79,7 @@ class Simulator:
             plan = Plan(form.prefix, form.body, form.boundary, form.states, list(self.spec.outputs), form.spike_counts)
         else:
             plan = Plan(None, data, [n for n, _, _ in self.inputs], self.spec.states, list(self.spec.outputs))
-        self.layers = [s.input for s in self.spec.states if s.kind == "membrane"]
+        self.layers = [s.input for s in self.spec.states if s.kind == MEMBRANE]
         options = dict(cuda_graph=cuda_graph, threads=threads, device_id=device_id, optimize=optimize)
         try:
             self._engine = Engine(plan, provider, **options)
@@ -166,7 +166,10 @@ class Simulator:
         cache over the T steps (``bench/dense_limit.py`` measures it).
         """
         T = check_T(T)
-        feeds = self._feeds(x)
+        return self._run_prepared(self._feeds(x), T, per_step, firing)
+
+    def _run_prepared(self, feeds: dict[str, np.ndarray], T: int, per_step: bool, firing: bool):
+        """``run`` on feeds already through a ``Feeder``."""
         n = len(next(iter(feeds.values())))
         size = CPU_SLICE if self.provider == "CPUExecutionProvider" else n
         parts = [self._run_slice({k: v[s:s + size] for k, v in feeds.items()}, T, per_step, firing)
@@ -204,12 +207,12 @@ class Simulator:
         batches, total = labelled_batches(dataset, batch_size, limit)
         correct = np.zeros(T)
         spikes = {layer: np.zeros(T) for layer in self.layers}
-        neurons = {s.input: int(np.prod(s.shape[1:])) for s in self.spec.states if s.kind == "membrane"}
+        neurons = {s.input: int(np.prod(s.shape[1:])) for s in self.spec.states if s.kind == MEMBRANE}
         feed = Feeder(self.inputs, "evaluation data")  # says once per dataset what it converted
         seen = 0
         bar = tqdm(total=total, desc=f"simulating T={T}", unit="img", disable=not progress, leave=False)
         for x, y in batches:
-            out, counts = self.run(feed(self._named(x)), T, firing=True)
+            out, counts = self._run_prepared(feed(self._named(x)), T, per_step=True, firing=True)
             correct += (out.reshape(T, len(y), -1).argmax(-1) == np.asarray(y)[None]).sum(axis=1)
             for layer, c in counts.items():
                 spikes[layer] += c.sum(axis=1)

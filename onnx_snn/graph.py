@@ -6,6 +6,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 from onnx import helper
+from onnx_snn_runtime.format import OUTPUT_SUM, State
 
 from .errors import OnnxSnnError
 
@@ -114,13 +115,12 @@ def state_shape(node_name: str, tensor: gs.Tensor) -> list:
     return [None] + [int(d) for d in shape[1:]]
 
 
-def add_output_sums(graph: gs.Graph, outputs: list[str], sum_name) -> list:
+def add_output_sums(graph: gs.Graph, outputs: list[str], sum_name) -> list[State]:
     """For each output ``y`` in ``outputs``, a state pair holding its sum over the steps so far:
     input ``snn.acc.<y>``, output ``sum_name(y)`` = ``snn.acc.<y> + y``, added to the graph's
     inputs and outputs. Returns their ``output_sum`` ``State`` records (zero initial value; shape
     None where ``y``'s non-batch dims are not static). The runtime form's body and the Triton
     export both decode outputs this way."""
-    from onnx_snn_runtime.format import OUTPUT_SUM, State
     tensors, states = graph.tensors(), []
     for name in outputs:
         y = tensors[name]
@@ -131,5 +131,5 @@ def add_output_sums(graph: gs.Graph, outputs: list[str], sum_name) -> list:
         graph.outputs.append(acc_out)
         static = y.shape and all(isinstance(d, int) for d in y.shape[1:])
         shape = [None] + [int(d) for d in y.shape[1:]] if static else None
-        states.append(State(acc_in.name, acc_out.name, shape, str(np.dtype(y.dtype or np.float32)), OUTPUT_SUM, name, 0.0))
+        states.append(State(acc_in.name, acc_out.name, shape, str(np_dtype(y)), OUTPUT_SUM, name, 0.0))
     return states

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from onnx_snn_runtime.format import MAXPOOL_SUM, MEMBRANE, State
+from onnx_snn_runtime.format import State
 
 from .options import ConvertOptions
 
@@ -81,9 +81,6 @@ class ConversionRecord:
     running_max: list[RunningMaxPool] = field(default_factory=list)
     folded_scales: list[str] = field(default_factory=list)
 
-    def membrane_states(self) -> list[State]:
-        return [s for s in self.states if s.kind == MEMBRANE]
-
     def count(self, kind: str) -> int:
         """States of ``kind`` so far (names the next one: snn.v{k}, snn.m{k})."""
         return sum(s.kind == kind for s in self.states)
@@ -94,7 +91,3 @@ class ConversionRecord:
             return {}
         return {"mode": self.calibration.mode, "per_channel": self.calibration.per_channel,
                 "samples": self.calibration.samples, "layers": [s.to_json() for s in self.sites]}
-
-
-__all__ = ["ConversionRecord", "NeuronSite", "RunningMaxPool", "BatchNormFold", "Calibration", "MEMBRANE",
-           "MAXPOOL_SUM"]

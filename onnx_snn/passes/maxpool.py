@@ -21,9 +21,11 @@ from .base import ContractError, Pass, PassResult
 
 class PlaceMaxPool(Pass):
     def __init__(self, options: ConvertOptions | str | None = None):
-        """``options``: the converter's options, or a strategy name."""
-        self.strategy_name = options if isinstance(options, str) else (options or ConvertOptions()).maxpool
-        self.strategy = strategy(ConvertOptions(maxpool=self.strategy_name).maxpool)  # validates the name
+        """``options``: the converter's options, or a strategy name (validated as the option is)."""
+        if not isinstance(options, ConvertOptions):
+            options = ConvertOptions(maxpool="running_max" if options is None else options)
+        self.strategy_name = options.maxpool
+        self.strategy = strategy(options.maxpool)
 
     def call(self, model: onnx.ModelProto, record: ConversionRecord) -> PassResult:
         graph = import_graph(model)

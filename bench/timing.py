@@ -15,6 +15,10 @@ def add_timing_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch1-images", type=int, default=50, help="test images per timing at batch 1")
     parser.add_argument("--threads", type=int, default=2, help="CPU threads for every simulator")
     parser.add_argument("--repeats", type=int, default=3, help="timings per figure; the best is kept")
+    parser.add_argument("--execution", default="auto", choices=("auto", "chunk", "step"),
+                        help="the simulator's execution (default auto: the fastest available)")
+    parser.add_argument("--kernels", default="auto", choices=("auto", "native", "onnx"),
+                        help="the simulator's neuron kernels (default auto); step + onnx is the path before issue 13")
 
 
 def timed_images(x: np.ndarray, batch: int, args: argparse.Namespace) -> np.ndarray:

@@ -9,8 +9,8 @@ import sys
 from pathlib import Path
 
 import numpy as np
+from onnx_snn_runtime.cli import add_info_parser, add_serve_parser
 from onnx_snn_runtime.cli import add_parser as add_run_parser
-from onnx_snn_runtime.cli import add_serve_parser
 
 from . import __version__
 from .calibration.data import FASHION_MNIST_IMAGES, calibration_source
@@ -165,6 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(func=cmd_convert)
     add_run_parser(sub)
     add_serve_parser(sub)
+    add_info_parser(sub)
     p = sub.add_parser("plot", help="figures: an IF neuron against ReLU, a model's per-layer firing rates, "
                        "or its accuracy against t")
     p.add_argument("figure", choices=("neuron", "firing", "accuracy"))

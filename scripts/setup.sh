@@ -21,3 +21,5 @@ fi
 # The CPU build of torch 2.13.0 (a plain `torch` would pull a CUDA build of several GB).
 .venv/bin/python -m pip install -q "torch==2.13.0"
 .venv/bin/python -m pip install -q -e ".[torch,dev,serve]"
+# The native neuron kernels (optional: without them the runtime uses the models' function bodies).
+bash scripts/build_kernels.sh || echo "setup.sh: continuing without native kernels (onnx-snn info says what runs)" >&2

@@ -31,3 +31,16 @@ def sample_snn(bundled, tmp_path_factory):
 @pytest.fixture(autouse=True)
 def _quiet_logs(caplog):
     caplog.set_level(logging.WARNING)
+
+
+@pytest.fixture(scope="session")
+def native_kernels():
+    """The native kernel library's path. Missing, the test is skipped, except where
+    ``ONNX_SNN_REQUIRE_KERNELS`` is set (CI builds the library, so there it must be present)."""
+    from onnx_snn_runtime import native
+    if not native.available():
+        message = f"native kernels not built ({native.BUILD_HINT})"
+        if os.environ.get("ONNX_SNN_REQUIRE_KERNELS"):
+            pytest.fail(message + "; ONNX_SNN_REQUIRE_KERNELS is set")
+        pytest.skip(message)
+    return native.library()

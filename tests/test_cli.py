@@ -68,3 +68,23 @@ def test_console_script_is_installed(calib_npz, tmp_path):
                              str(tmp_path / "x.snn.onnx"), "-q"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "x.snn.onnx").exists()
+
+
+def test_info_says_what_runs(capsys, monkeypatch):
+    import onnxruntime as ort
+    from onnx_snn_runtime import native
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert f"onnxruntime {ort.__version__}" in out and "CPUExecutionProvider" in out
+    if native.available():
+        assert f"native kernels: {native.library()}, loads" in out and "chunk execution" in out
+    monkeypatch.setenv(native.ENV, "")
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert "native kernels: not built" in out and "build_kernels.sh" in out and "function bodies" in out
+
+
+def test_run_takes_execution_and_kernels(sample_snn, capsys):
+    args = ["run", str(sample_snn), "--T", "3", "--limit", "20", "-q", "--execution", "chunk", "--kernels", "onnx"]
+    assert main(args) == 0
+    assert "chunk execution, onnx kernels" in capsys.readouterr().out

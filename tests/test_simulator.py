@@ -244,7 +244,7 @@ def test_a_failed_allocation_does_not_pin_the_batch_size(sample_snn, bundled, mo
     """If the state buffers cannot be allocated (out of memory), the next run allocates afresh
     instead of padding every later batch to the failed size."""
     from onnx_snn_runtime import engine
-    sim = Simulator(sample_snn, "cpu")
+    sim = Simulator(sample_snn, "cpu", execution="step")
     real = engine.Engine._ortvalue
     calls = {"n": 0}
 

@@ -136,22 +136,39 @@ def make_function(onnx_opset: int, reset_modes=RESET_MODES) -> onnx.FunctionProt
     """
     if onnx_opset < MIN_ONNX_OPSET:
         raise ValueError(f"IFNeuron's body needs opset >= {MIN_ONNX_OPSET}, got {onnx_opset}")
+    codes = body_codes(reset_modes)
+    nodes = attribute_nodes(codes) + step_nodes(codes, "X", "V", "S", "V_next")
+    fn = helper.make_function(DOMAIN, OP_TYPE, ["X", "V"], ["S", "V_next"], nodes,
+                              opset_imports=[helper.make_opsetid("", onnx_opset)], attributes=[])
+    fn.attribute_proto.extend(function_attributes())
+    fn.doc_string = _DOC
+    return fn
+
+
+def body_codes(reset_modes) -> list[int]:
+    """The sorted reset-mode codes a function body implements."""
     codes = sorted({reset_code(m) for m in reset_modes})
     if not codes:
         raise ValueError("make_function needs at least one reset mode")
+    return codes
 
-    def attr_const(out: str, attr: str, kind: str) -> onnx.NodeProto:
-        node = helper.make_node("Constant", [], [out])
-        node.attribute.append(onnx.AttributeProto(
-            name=kind, ref_attr_name=attr,
-            type=onnx.AttributeProto.INT if kind == "value_int" else onnx.AttributeProto.FLOAT))
-        return node
 
+def _attr_const(out: str, attr: str, kind: str) -> onnx.NodeProto:
+    node = helper.make_node("Constant", [], [out])
+    node.attribute.append(onnx.AttributeProto(
+        name=kind, ref_attr_name=attr,
+        type=onnx.AttributeProto.INT if kind == "value_int" else onnx.AttributeProto.FLOAT))
+    return node
+
+
+def attribute_nodes(codes: list[int], like: str = "X") -> list[onnx.NodeProto]:
+    """Function-body nodes that turn the attributes into the tensors ``th`` and ``vr`` (in the
+    type of ``like``), poisoned to NaN for a reset mode outside ``codes`` (see make_function)."""
     n = helper.make_node
     # poison = sqrt(-(prod over implemented codes c of (mode - c))^2): 0 for an implemented mode, else NaN
-    nodes = [attr_const("th_f", "threshold", "value_float"),
-             attr_const("vr_f", "v_reset", "value_float"),
-             attr_const("mode_i", "reset_mode", "value_int"),
+    nodes = [_attr_const("th_f", "threshold", "value_float"),
+             _attr_const("vr_f", "v_reset", "value_float"),
+             _attr_const("mode_i", "reset_mode", "value_int"),
              n("Cast", ["mode_i"], ["mode_f"], to=TensorProto.FLOAT),
              n("Constant", [], ["one_f"], value_float=1.0),
              n("Constant", [], ["zero_f"], value_float=0.0)]
@@ -170,32 +187,38 @@ def make_function(onnx_opset: int, reset_modes=RESET_MODES) -> onnx.FunctionProt
               # the hard-reset body poisons only v_reset: a neuron turns NaN when it would reset
               n("Add", ["th_f", "poison" if codes != [1] else "zero_f"], ["th_checked_f"]),
               n("Add", ["vr_f", "poison"], ["vr_checked_f"]),
-              n("CastLike", ["th_checked_f", "X"], ["th"]),
-              n("CastLike", ["vr_checked_f", "X"], ["vr"]),
-              n("Add", ["V", "X"], ["V1"]),
-              n("GreaterOrEqual", ["V1", "th"], ["fire"]),
-              n("CastLike", ["fire", "X"], ["S"])]
-    soft = [n("Mul", ["S", "th"], ["S_th"]), n("Sub", ["V1", "S_th"], ["V_soft"])]
+              n("CastLike", ["th_checked_f", like], ["th"]),
+              n("CastLike", ["vr_checked_f", like], ["vr"])]
+    if len(codes) > 1:
+        nodes += [n("CastLike", ["one_f", like], ["one"]),
+                  n("Cast", ["mode_i"], ["hard"], to=TensorProto.BOOL)]
+    return nodes
+
+
+def step_nodes(codes: list[int], x: str, v: str, s: str, v_next: str) -> list[onnx.NodeProto]:
+    """One timestep in standard ops, reading ``th``, ``vr`` (and ``one``, ``hard`` for a
+    two-mode body) made by ``attribute_nodes``: the same arithmetic as ``if_step``."""
+    n = helper.make_node
+    nodes = [n("Add", [v, x], ["V1"]),
+             n("GreaterOrEqual", ["V1", "th"], ["fire"]),
+             n("CastLike", ["fire", x], [s])]
     if codes == [0]:
-        nodes += soft[:1] + [n("Sub", ["V1", "S_th"], ["V_next"])]
-    elif codes == [1]:
-        nodes.append(n("Where", ["fire", "vr", "V1"], ["V_next"]))
-    else:
-        nodes += soft + [
-            n("CastLike", ["one_f", "X"], ["one"]),
-            n("Sub", ["one", "S"], ["not_S"]),
-            n("Mul", ["not_S", "V1"], ["V_keep"]),
-            n("Mul", ["S", "vr"], ["S_vr"]),
-            n("Add", ["V_keep", "S_vr"], ["V_hard"]),
-            n("Cast", ["mode_i"], ["hard"], to=TensorProto.BOOL),
-            n("Where", ["hard", "V_hard", "V_soft"], ["V_next"])]
-    fn = helper.make_function(DOMAIN, OP_TYPE, ["X", "V"], ["S", "V_next"], nodes,
-                              opset_imports=[helper.make_opsetid("", onnx_opset)], attributes=[])
-    fn.attribute_proto.extend([helper.make_attribute("threshold", 1.0),
-                               helper.make_attribute("reset_mode", 0),
-                               helper.make_attribute("v_reset", 0.0)])
-    fn.doc_string = _DOC
-    return fn
+        return nodes + [n("Mul", [s, "th"], ["S_th"]), n("Sub", ["V1", "S_th"], [v_next])]
+    if codes == [1]:
+        return nodes + [n("Where", ["fire", "vr", "V1"], [v_next])]
+    return nodes + [
+        n("Mul", [s, "th"], ["S_th"]), n("Sub", ["V1", "S_th"], ["V_soft"]),
+        n("Sub", ["one", s], ["not_S"]),
+        n("Mul", ["not_S", "V1"], ["V_keep"]),
+        n("Mul", [s, "vr"], ["S_vr"]),
+        n("Add", ["V_keep", "S_vr"], ["V_hard"]),
+        n("Where", ["hard", "V_hard", "V_soft"], [v_next])]
+
+
+def function_attributes() -> list[onnx.AttributeProto]:
+    """The attributes (with defaults) every neuron op of the domain takes."""
+    return [helper.make_attribute("threshold", 1.0), helper.make_attribute("reset_mode", 0),
+            helper.make_attribute("v_reset", 0.0)]
 
 
 def opset_imports() -> list[onnx.OperatorSetIdProto]:

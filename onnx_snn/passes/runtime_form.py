@@ -8,7 +8,9 @@ package cannot cut a graph, so the converter does it here and embeds two small m
   inputs alone and feeds the rest); absent only when every boundary tensor is a source input;
 * ``body``: boundary tensors + states -> next states, with one ``output_sum`` accumulator state
   per output (the "sum over t" decoding done where the states live, e.g. on the GPU) and one
-  per-sample spike-count output per neuron layer (firing statistics).
+  per-sample spike-count output per neuron layer (firing statistics);
+* ``chunk``: the body rewritten to advance K steps per call (``onnx_snn/chunk.py``), embedded
+  only after it reproduced K calls of the body exactly on random currents (``check_chunk``).
 
 Guarantees: the main graph is unchanged; prefix then body computes what the main graph does
 (same ops, same constants); a model whose output does not depend on any state (no neuron)
@@ -23,6 +25,8 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx_snn_runtime.format import KEY_RUNTIME_FORM, MEMBRANE, RuntimeForm, SpikeCount
 
+from .. import chunk
+from ..chunk import build_chunk
 from ..graph import add_output_sums, export_model, import_graph
 from ..model_util import with_metadata
 from ..ops import if_neuron
@@ -43,8 +47,10 @@ def _static_tensors(graph: gs.Graph, state_inputs: set[str]) -> set[str]:
     return static
 
 
-def _serialize(graph: gs.Graph, like: onnx.ModelProto, with_neuron: bool) -> bytes:
+def _serialize(graph: gs.Graph, like: onnx.ModelProto, with_neuron: bool, reset_mode=None) -> bytes:
     model = export_model(graph, like)
+    if reset_mode is not None:
+        chunk.add_functions(model, reset_mode)
     if not with_neuron:
         del model.functions[:]
         keep = [o for o in model.opset_import if o.domain != if_neuron.DOMAIN]
@@ -53,6 +59,17 @@ def _serialize(graph: gs.Graph, like: onnx.ModelProto, with_neuron: bool) -> byt
     del model.metadata_props[:]
     onnx.checker.check_model(model, full_check=True)
     return model.SerializeToString()
+
+
+def _chunk_bytes(graph: gs.Graph, like: onnx.ModelProto, body: bytes, boundary: list[str], states,
+                 record: ConversionRecord) -> bytes | None:
+    """The chunk model's bytes, or None when it does not reproduce the body's steps exactly."""
+    data = _serialize(graph, like, with_neuron=True, reset_mode=record.options.reset_mode)
+    reason = chunk.check_chunk(data, body, boundary, states)
+    if reason:
+        log.warning("no chunk model (the runtime will step one timestep per call): %s", reason)
+        return None
+    return data
 
 
 class EmbedRuntimeForm(Pass):
@@ -88,6 +105,7 @@ class EmbedRuntimeForm(Pass):
             btensors[name].inputs.clear()  # cut: the boundary becomes an input of the body
         body.inputs = [btensors[name] for name in boundary] + [btensors[s.input] for s in spec.states]
         body.outputs = [btensors[s.output] for s in spec.states]
+        chunk_graph = build_chunk(body, boundary, spec.states, list(spec.outputs), record)
         sums = add_output_sums(body, list(spec.outputs), lambda name: f"snn.acc.{name}.next")
         if any(s.shape is None for s in sums):
             log.info("no runtime form: an output has a non-static shape")
@@ -108,10 +126,12 @@ class EmbedRuntimeForm(Pass):
                 counts.append(SpikeCount(count.name, state.input, int(np.prod(state.shape[1:]))))
         body.outputs = outputs
         body.cleanup(remove_unused_graph_inputs=False)
-        form = RuntimeForm(boundary, prefix_bytes, _serialize(body, model, with_neuron=True), states, counts)
+        body_bytes = _serialize(body, model, with_neuron=True)
+        chunk_bytes = _chunk_bytes(chunk_graph, model, body_bytes, boundary, states, record)
+        form = RuntimeForm(boundary, prefix_bytes, body_bytes, states, counts, chunk_bytes)
         out = with_metadata(model, KEY_RUNTIME_FORM, form.to_json())  # replaces an earlier one
-        log.info("runtime form: prefix %s -> boundary %s; body with %d states",
-                 "present" if prefix_bytes else "empty", boundary, len(states))
+        log.info("runtime form: prefix %s -> boundary %s; body with %d states; chunk model %s",
+                 "present" if prefix_bytes else "empty", boundary, len(states), "present" if chunk_bytes else "absent")
         return PassResult(out, True, record)
 
     def ensures(self, model: onnx.ModelProto, record: ConversionRecord) -> None:

@@ -14,7 +14,7 @@ import numpy as np
 
 from .data import labelled_source
 from .errors import OnnxSnnError
-from .simulator import Evaluation, Simulator, save_json
+from .simulator import EXECUTIONS, KERNELS, Evaluation, Simulator, save_json
 
 
 def format_evaluation(ev: Evaluation, reference: float | None = None) -> str:
@@ -61,6 +61,10 @@ def add_parser(sub) -> None:
     r.add_argument("--limit", type=int, default=None, help="use only the first N samples")
     r.add_argument("--provider", default=None, help="cpu or cuda (default: cuda when usable)")
     r.add_argument("--no-cuda-graph", action="store_true", help="do not use CUDA graphs")
+    r.add_argument("--execution", choices=EXECUTIONS, default="auto",
+                   help="chunk: K steps per onnxruntime call; step: one (default auto: the fastest available)")
+    r.add_argument("--kernels", choices=KERNELS, default="auto",
+                   help="native: the kernel library; onnx: the model's function bodies (default auto)")
     r.add_argument("--json", default=None, help="write accuracy per t and firing rates as JSON")
     r.add_argument("--plot", default=None, help="write a plot of accuracy against t (PNG)")
     r.add_argument("-q", "--quiet", action="store_true", help="no progress bar, no line naming the data")
@@ -98,12 +102,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    sim = Simulator(args.model, args.provider, cuda_graph=False if args.no_cuda_graph else "auto")
+    sim = Simulator(args.model, args.provider, cuda_graph=False if args.no_cuda_graph else "auto",
+                    execution=args.execution, kernels=args.kernels)
     T = args.T if args.T is not None else int(sim.spec.converter.get("target_T") or 50)
     data, description = labelled_source(args.data, args.limit)  # read once, said before the long run
     if not args.quiet:
         print(description)
-    print(f"provider: {sim.provider}; CUDA graphs {sim.cuda_graph_status}")
+    print(f"provider: {sim.provider}; {sim.execution} execution, {sim.kernels} kernels; "
+          f"CUDA graphs {sim.cuda_graph_status}")
     ev = sim.evaluate(data, T, batch_size=args.batch_size, progress=not args.quiet)
     print(format_evaluation(ev))
     if args.json:
@@ -115,11 +121,45 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_info_parser(sub) -> None:
+    i = sub.add_parser("info", help="onnxruntime's version and providers, and whether the native kernels are built")
+    i.set_defaults(func=cmd_info)
+
+
+def info_lines() -> list[str]:
+    import onnxruntime as ort
+
+    from . import native
+    from . import providers as prov
+    library = native.library()
+    loads = ""
+    if library is not None:
+        try:
+            native.register(ort.SessionOptions())
+            loads = ", loads"
+        except native.KernelsError as e:
+            loads = f", does NOT load: {e}"
+    gpu = "" if prov.gpu_present() else " (no GPU device found)"
+    cpu = "chunk execution, " + ("native kernels" if library and not loads.startswith(", does") else
+                                 "the models' function bodies (no native kernels)")
+    return [f"onnxruntime {ort.__version__}",
+            f"providers: {', '.join(ort.get_available_providers())}{gpu}",
+            f"native kernels: {library}{loads}" if library else
+            f"native kernels: not built ({native.BUILD_HINT})",
+            f"CPU default: {cpu}"]
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    print("\n".join(info_lines()))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="onnx_snn_runtime")
     sub = parser.add_subparsers(dest="command", required=True)
     add_parser(sub)
     add_serve_parser(sub)
+    add_info_parser(sub)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     try:

@@ -40,9 +40,10 @@ class Plan:
 
 
 class Engine:
-    def __init__(self, plan: Plan, provider: str, *, cuda_graph="auto", threads=None, device_id=0, optimize=True):
+    def __init__(self, plan: Plan, provider: str, *, cuda_graph="auto", threads=None, device_id=0, optimize=True,
+                 native=False):
         self.plan, self.device_id, self.threads = plan, device_id, threads
-        opts = dict(threads=threads, device_id=device_id, optimize=optimize)
+        opts = dict(threads=threads, device_id=device_id, optimize=optimize, native=native)
         self.prefix = prov.session(plan.prefix, provider, **opts) if plan.prefix else None
         fixed_shapes = set(plan.accumulators) == set(plan.outputs)
         want_graph = provider == "CUDAExecutionProvider" and cuda_graph in ("auto", True) and fixed_shapes

@@ -24,6 +24,7 @@ KEY_CALIBRATION = "onnx_snn.calibration"
 KEY_SOURCE = "onnx_snn.source_sha256"
 KEY_CONVERTER = "onnx_snn.converter"
 KEY_RUNTIME_FORM = "onnx_snn.runtime_form"
+STEPS_INPUT = "snn.steps"  # the chunk model's input whose length is the number of steps per call
 
 # What a state pair holds: a neuron layer's membrane potentials, a running-max MaxPool's sum of
 # its inputs so far, or (in the runtime form only) an output's sum over the steps so far.
@@ -102,20 +103,23 @@ class RuntimeForm:
     ``prefix`` (x -> ``boundary``) depends only on the analog input, so it runs once per batch;
     ``body`` (``boundary`` + states -> states) runs once per timestep. The body's states include
     one ``output_sum`` accumulator per output (decoding "sum" done on the device) and it also
-    outputs per-sample spike counts. Both are serialized ONNX models.
+    outputs per-sample spike counts. ``chunk`` (optional) is the body rewritten to advance K
+    steps per call (input ``snn.steps``, see docs/step-model-format.md). All are serialized ONNX.
     """
     boundary: list[str]
     prefix: bytes | None
     body: bytes
     states: list[State]
     spike_counts: list[SpikeCount]
+    chunk: bytes | None = None
 
     def to_json(self) -> str:
         return json.dumps({"boundary": self.boundary,
                            "prefix": base64.b64encode(self.prefix).decode() if self.prefix else None,
                            "body": base64.b64encode(self.body).decode(),
                            "states": [s.to_json() for s in self.states],
-                           "spike_counts": [vars(c) for c in self.spike_counts]})
+                           "spike_counts": [vars(c) for c in self.spike_counts],
+                           "chunk": base64.b64encode(self.chunk).decode() if self.chunk else None})
 
     @classmethod
     def from_json(cls, text: str) -> "RuntimeForm":
@@ -123,7 +127,8 @@ class RuntimeForm:
             d = json.loads(text)
             return cls(list(d["boundary"]), base64.b64decode(d["prefix"]) if d["prefix"] else None,
                        base64.b64decode(d["body"]), [State.from_json(s) for s in d["states"]],
-                       [SpikeCount(**c) for c in d["spike_counts"]])
+                       [SpikeCount(**c) for c in d["spike_counts"]],
+                       base64.b64decode(d["chunk"]) if d.get("chunk") else None)
         except (ValueError, TypeError, KeyError) as e:
             raise FormatError(f"malformed runtime form in the model's metadata: {e}") from e
 

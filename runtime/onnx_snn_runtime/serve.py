@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from . import native
 from . import providers as prov
 from .data import prepare
 from .engine import np_type
@@ -69,7 +70,8 @@ class SequenceStore:
         self.max_batch = max_batch
         if not idle_timeout > 0:
             raise OnnxSnnError(f"idle_timeout={idle_timeout!r} must be positive (seconds)")
-        self.session = prov.session(model, provider)
+        # one step per request: the step model, with the native neuron kernel where it is built
+        self.session = prov.session(model, provider, native=provider == "CPUExecutionProvider" and native.available())
         self.spec = StepModelSpec.from_metadata(self.session.get_modelmeta().custom_metadata_map)
         state_inputs = {s.input for s in self.spec.states}
         self.inputs = [(i.name, list(i.shape), np_type(i.type)) for i in self.session.get_inputs()

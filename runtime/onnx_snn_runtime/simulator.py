@@ -10,7 +10,9 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
+from . import native
 from . import providers as prov
+from .chunked import ChunkEngine
 from .data import Feeder, labelled_batches
 from .engine import Engine, Plan, np_type
 from .errors import DataError, OnnxSnnError
@@ -44,6 +46,18 @@ class Evaluation:
 # Images per slice of a CPU batch: on the 2-core dev machine the sample CNN ran 11.0k img*steps/s
 # in slices of 50 against 6.4k for a batch of 1000 at once (states and activations stay in cache).
 CPU_SLICE = 64
+EXECUTIONS = ("auto", "chunk", "step")
+KERNELS = ("auto", "native", "onnx")
+# Chunk execution: K is the largest number of steps whose activations fit this many bytes
+# (estimated as 3 tensors per neuron per step: current, spikes and the next layer's input).
+CHUNK_MEMORY = 64 << 20
+ACTIVATIONS_PER_NEURON = 3
+
+
+def _choice(name: str, value, allowed) -> str:
+    if value not in allowed:
+        raise OnnxSnnError(f"{name}={value!r} is not one of {', '.join(map(repr, allowed))}")
+    return value
 
 
 class Simulator:
@@ -60,11 +74,24 @@ class Simulator:
             into one Conv with rescaled weights, which rounds differently in the last bit, so a
             neuron right at its threshold may fire one step earlier or later. ``False`` runs the
             graph exactly as written: bit-exact to the reference semantics, slower.
+        execution: ``"chunk"`` advances K steps per onnxruntime call through the runtime form's
+            chunk model, ``"step"`` one step per call; ``"auto"`` (default) takes chunk on the
+            CPU provider, step on CUDA (README, "Speed", says why).
+        kernels: ``"native"`` runs the neuron ops with the kernel library (an error when it is
+            not built), ``"onnx"`` with the model's function bodies; ``"auto"`` (default): native
+            on the CPU provider when the library is built, else onnx.
+        chunk_memory: bytes of activations one chunk may hold; sets K for ``run``/``evaluate``.
     """
 
     def __init__(self, model: str | os.PathLike | bytes, providers=None, *, cuda_graph="auto",
                  runtime_form: bool = True, threads: int | None = None, device_id: int = 0,
-                 optimize: bool = True):
+                 optimize: bool = True, execution: str = "auto", kernels: str = "auto",
+                 chunk_memory: int = CHUNK_MEMORY):
+        _choice("execution", execution, EXECUTIONS)
+        _choice("kernels", kernels, KERNELS)
+        if isinstance(chunk_memory, bool) or not isinstance(chunk_memory, int) or chunk_memory <= 0:
+            raise OnnxSnnError(f"chunk_memory={chunk_memory!r} must be a positive number of bytes")
+        self.chunk_memory = chunk_memory
         data = self._read(model)
         provider, explicit = prov.resolve(providers)
         probe = prov.session(data, "CPUExecutionProvider", optimize=False)
@@ -80,20 +107,45 @@ class Simulator:
         else:
             plan = Plan(None, data, [n for n, _, _ in self.inputs], self.spec.states, list(self.spec.outputs))
         self.layers = [s.input for s in self.spec.states if s.kind == MEMBRANE]
-        options = dict(cuda_graph=cuda_graph, threads=threads, device_id=device_id, optimize=optimize)
+        chunk = form.chunk if form is not None else None
+        if execution == "chunk" and chunk is None:
+            raise OnnxSnnError("execution='chunk' needs the chunk model of the runtime form, which this step "
+                               "model lacks" + (" (runtime_form=False)" if form is None and runtime_form else "")
+                               + "; re-convert it with this onnx-snn, or use execution='step'")
         try:
-            self._engine = Engine(plan, provider, **options)
+            self._start(plan, chunk, provider, execution, kernels, cuda_graph=cuda_graph, threads=threads,
+                        device_id=device_id, optimize=optimize)
         except prov.ProviderError as e:
             if explicit or provider == "CPUExecutionProvider":
                 raise
             log.warning("falling back to the CPU provider: %s", e)  # auto mode: a GPU without working CUDA
-            self._engine = Engine(plan, "CPUExecutionProvider", **options)
+            self._start(plan, chunk, "CPUExecutionProvider", execution, kernels, cuda_graph=cuda_graph,
+                        threads=threads, device_id=device_id, optimize=optimize)
         self.provider = "CUDAExecutionProvider" if self._engine.device == "cuda" else "CPUExecutionProvider"
         self.firing_available = bool(plan.spike_counts)
         self._streaming: int | None = None
         self._feeder = Feeder(self.inputs, "simulator input")
-        log.info("simulator on %s, CUDA graphs %s, runtime form %s", self.provider,
-                 self._engine.cuda_graph_reason, "yes" if form else "no")
+        self._neurons_per_sample = sum(int(np.prod(s.shape[1:])) * np.dtype(s.dtype).itemsize
+                                       for s in self.spec.states if s.kind == MEMBRANE)
+        log.info("simulator on %s, %s execution, %s kernels, CUDA graphs %s, runtime form %s", self.provider,
+                 self.execution, self.kernels, self.cuda_graph_status, "yes" if form else "no")
+
+    def _start(self, plan: Plan, chunk: bytes | None, provider: str, execution: str, kernels: str, **options):
+        """Pick kernels and execution (the rules README's "Speed" states) and start the engine."""
+        cpu = provider == "CPUExecutionProvider"
+        if kernels == "auto":
+            kernels = "native" if cpu and native.available() else "onnx"
+        if execution == "auto":
+            # chunks measured faster on the CPU with either kernels (README, "Speed"); on CUDA
+            # the step loop keeps its CUDA graphs, which refuse the function bodies' Scan
+            execution = "chunk" if chunk is not None and cpu else "step"
+        use_native = kernels == "native"
+        if execution == "chunk":
+            options.pop("cuda_graph")
+            self._engine = ChunkEngine(plan, chunk, provider, native=use_native, **options)
+        else:
+            self._engine = Engine(plan, provider, native=use_native, **options)
+        self.kernels, self.execution = kernels, execution
 
     @staticmethod
     def _read(model) -> bytes | str:
@@ -108,11 +160,17 @@ class Simulator:
 
     @property
     def cuda_graph(self) -> bool:
-        return self._engine.cuda_graph
+        return getattr(self._engine, "cuda_graph", False)
 
     @property
     def cuda_graph_status(self) -> str:
-        return self._engine.cuda_graph_reason
+        return getattr(self._engine, "cuda_graph_reason", "off: chunk execution")
+
+    def chunk_steps(self, batch: int, T: int) -> int:
+        """K for a run of T steps on ``batch`` samples: the most steps whose activations fit
+        ``chunk_memory`` (at least 1, at most T)."""
+        per_step = max(1, batch) * self._neurons_per_sample * ACTIVATIONS_PER_NEURON
+        return int(max(1, min(T, self.chunk_memory // max(per_step, 1))))
 
     def _named(self, x) -> dict:
         if isinstance(x, dict):
@@ -138,8 +196,11 @@ class Simulator:
         """Forget the state: the next ``step`` starts a new sequence."""
         self._streaming = None
 
-    def step(self, x) -> np.ndarray:
-        """One timestep with input ``x``; returns the first output summed over the steps since ``reset``."""
+    def step(self, x, steps: int = 1) -> np.ndarray:
+        """``steps`` timesteps (default 1) with input ``x``; returns the first output summed over
+        the steps since ``reset``. With chunk execution the steps are one chunk, so calls with
+        any ``steps`` continue one sequence, exactly as single steps would."""
+        steps = check_T(steps)
         feeds, n = self._pad(self._feeds(x))
         batch = len(next(iter(feeds.values())))
         if self._streaming is None:
@@ -148,8 +209,13 @@ class Simulator:
         elif n != self._streaming:
             raise DataError(f"batch of {n} samples while streaming {self._streaming}; call reset() first")
         self._engine.set_input(feeds)
-        outputs, _ = self._engine.advance(fetch_outputs=True)
-        return outputs[self.spec_outputs[0]][:n]
+        name = self.spec_outputs[0]
+        if self.execution == "chunk":
+            outputs, _ = self._engine.advance(steps, fetch_outputs=True)
+            return outputs[name][-1][:n]
+        for t in range(steps):
+            outputs, _ = self._engine.advance(fetch_outputs=t == steps - 1)
+        return outputs[name][:n]
 
     @property
     def spec_outputs(self) -> list[str]:
@@ -173,7 +239,7 @@ class Simulator:
         n = len(next(iter(feeds.values())))
         size = CPU_SLICE if self.provider == "CPUExecutionProvider" else n
         parts = [self._run_slice({k: v[s:s + size] for k, v in feeds.items()}, T, per_step, firing)
-                 for s in range(0, n, size)]
+                 for s in range(0, max(n, 1), size)]  # one (empty) slice for n = 0
         result = np.concatenate([p[0] for p in parts], axis=1 if per_step else 0)
         if firing:
             return result, {k: np.concatenate([p[1][k] for p in parts], axis=1) for k in parts[0][1]}
@@ -185,6 +251,8 @@ class Simulator:
         self._engine.reset(len(next(iter(feeds.values()))))
         self._engine.set_input(feeds)
         name = self.spec_outputs[0]
+        if self.execution == "chunk":
+            return self._run_chunks(n, T, per_step, firing)
         history, counts = [], {layer: [] for layer in self.layers} if firing else None
         for t in range(T):
             fetch = per_step or t == T - 1
@@ -196,6 +264,21 @@ class Simulator:
                     counts[layer].append(value[:n])
         result = np.stack(history) if per_step else history[-1]
         return result, ({k: np.stack(v) for k, v in counts.items() if v} if firing else {})
+
+    def _run_chunks(self, n: int, T: int, per_step: bool, firing: bool):
+        name, k_max = self.spec_outputs[0], self.chunk_steps(n, T)
+        history, counts, done = [], {layer: [] for layer in self.layers}, 0
+        while done < T:
+            k = min(k_max, T - done)
+            done += k
+            fetch = per_step or done == T
+            outputs, c = self._engine.advance(k, fetch_outputs=fetch, fetch_counts=firing and self.firing_available)
+            if fetch:
+                history.append(outputs[name][:, :n] if per_step else outputs[name][-1][:n])
+            for layer, value in (c or {}).items():
+                counts[layer].append(value[:, :n])
+        result = np.concatenate(history) if per_step else history[-1]
+        return result, ({k: np.concatenate(v) for k, v in counts.items() if v} if firing else {})
 
     def evaluate(self, dataset, T: int, *, batch_size: int = 256, limit: int | None = None,
                  progress: bool = True) -> Evaluation:

@@ -14,7 +14,8 @@ package cannot cut a graph, so the converter does it here and embeds two small m
 
 Guarantees: the main graph is unchanged; prefix then body computes what the main graph does
 (same ops, same constants); a model whose output does not depend on any state (no neuron)
-gets no runtime form. Costs: the body's weights are stored a second time (base64 in metadata).
+gets no runtime form. Costs: the body's weights are stored a second time, and the chunk's a
+third (base64 in metadata).
 """
 from __future__ import annotations
 

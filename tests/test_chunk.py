@@ -185,3 +185,10 @@ def test_bad_execution_options(converted):
         Simulator(path, "cpu", chunk_memory=0)
     with pytest.raises(onnx_snn.OnnxSnnError, match="T="):
         Simulator(path, "cpu", execution="chunk", kernels="onnx").step(np.zeros((1, 1, 28, 28), np.float32), steps=0)
+
+
+def test_small_batches_run_on_one_thread(converted):
+    sim = Simulator(converted["sample_cnn"], "cpu", threads=2, execution="chunk", kernels="onnx")
+    assert sim._engine._session_for(1).get_session_options().intra_op_num_threads == 1
+    assert sim._engine._session_for(16).get_session_options().intra_op_num_threads == 1
+    assert sim._engine._session_for(17).get_session_options().intra_op_num_threads == 2

@@ -13,12 +13,19 @@ from . import providers as prov
 from .engine import Plan
 from .format import OUTPUT_SUM, STEPS_INPUT
 
+# Batches up to this size run on one intra-op thread: their ops are too small to pay for waking a
+# second one. Sample CNN, T = 50, 2-core machine, 1 against 2 threads (median ms per image over 6
+# alternating runs): batch 1 1.86 / 2.03, batch 10 2.00 / 2.43 (batch 100: 2.33 / 2.68 there too,
+# but more cores pay at large batches elsewhere, so large batches keep onnxruntime's choice).
+SMALL_BATCH = 16
+
 
 class ChunkEngine:
     def __init__(self, plan: Plan, chunk: bytes, provider: str, *, threads=None, device_id=0, optimize=True,
                  native=False):
-        self.plan = plan
+        self.plan, self._chunk, self._provider, self.threads = plan, chunk, provider, threads
         opts = dict(threads=threads, device_id=device_id, optimize=optimize, native=native)
+        self._options = opts
         # No spinning: the prefix runs once per batch and its idle threads must not spin beside
         # the chunk session's (providers.session); the chunk session's own spinning, between
         # calls that each run K steps, measured slower with 2 threads (sample CNN, 2-core
@@ -26,6 +33,7 @@ class ChunkEngine:
         # and makes no difference with 1.
         self.prefix = prov.session(plan.prefix, provider, spinning=False, **opts) if plan.prefix else None
         self.session = prov.session(chunk, provider, spinning=False, **opts)
+        self._sessions = {threads: self.session}  # more are made on demand (_session_for)
         self.device = "cuda" if self.session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
         names = {o.name for o in self.session.get_outputs()}
         self._accumulators = {s.layer: s for s in plan.states if s.kind == OUTPUT_SUM}
@@ -56,9 +64,10 @@ class ChunkEngine:
             steps = self._steps[k] = np.arange(k, dtype=np.int64)
         if self.batch == 0:
             return self._empty(k, fetch_outputs, fetch_counts)
+        session = self._session_for(self.batch)
         names = self._state_outputs + (self._step_outputs if fetch_outputs else []) + (
             [name for _, name in self._counts] if fetch_counts else [])
-        values = self.session.run(names, {**self._boundary, **self._states, STEPS_INPUT: steps})
+        values = session.run(names, {**self._boundary, **self._states, STEPS_INPUT: steps})
         n_states = len(self._state_outputs)
         self._states = {s.input: v for s, v in zip(self.plan.states, values[:n_states])}
         rest = values[n_states:]
@@ -69,6 +78,15 @@ class ChunkEngine:
         if fetch_counts:
             counts = {layer: value for (layer, _), value in zip(self._counts, rest)}
         return outputs, counts
+
+    def _session_for(self, batch: int):
+        """The chunk session for this batch size: one thread for small batches (SMALL_BATCH) on
+        the CPU, else ``threads`` (the most the simulator may use; None: onnxruntime's choice)."""
+        threads = 1 if self.device == "cpu" and batch <= SMALL_BATCH else self.threads
+        if threads not in self._sessions:
+            options = {**self._options, "threads": threads}
+            self._sessions[threads] = prov.session(self._chunk, self._provider, spinning=False, **options)
+        return self._sessions[threads]
 
     def _empty(self, k: int, fetch_outputs: bool, fetch_counts: bool):
         """An empty batch needs no onnxruntime call (and Scan, in the function bodies, refuses one)."""

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Build the native onnxruntime custom-op library (domain onnx_snn: IFNeuron, IFNeuronSeq,
-# IFNeuronSeqConst) into runtime/onnx_snn_runtime/native/libonnx_snn_kernels.so. Safe to re-run.
+# Build the native onnxruntime custom-op library (every op of the onnx_snn domain: IFNeuron,
+# IFNeuronSeq, IFNeuronSeqConst, IFNeuronSeqAvgPool, IFNeuronSeqConstAvgPool; see the header of
+# runtime/kernels/onnx_snn_kernels.cc) into runtime/onnx_snn_runtime/native/libonnx_snn_kernels.so.
+# Safe to re-run.
 #
 # The onnxruntime pip wheel ships no C/C++ headers. Unless ORT_INCLUDE_DIR names a directory that
 # holds onnxruntime_cxx_api.h, they are taken from Debian 13 (trixie)'s libonnxruntime-dev package,

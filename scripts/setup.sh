@@ -23,3 +23,7 @@ fi
 .venv/bin/python -m pip install -q -e ".[torch,dev,serve]"
 # The native neuron kernels (optional: without them the runtime uses the models' function bodies).
 bash scripts/build_kernels.sh || echo "setup.sh: continuing without native kernels (onnx-snn info says what runs)" >&2
+# Their CUDA build, where the CUDA compiler is (used by CUDA sessions that ask for native kernels).
+if command -v nvcc >/dev/null && [ -f scripts/build_kernels_cuda.sh ]; then
+  bash scripts/build_kernels_cuda.sh || echo "setup.sh: continuing without the CUDA kernels" >&2
+fi

@@ -925,6 +925,44 @@ bool ReadIntAttr(const OrtApi& api, const OrtKernelInfo* info, const char* name,
   return false;
 }
 
+// The shapes of a (non-pooled) neuron op's call, checked as the CPU and CUDA kernels both need:
+// K, the distance between consecutive steps' currents (M, or 0 for a constant X) and S's shape
+// (set by the caller to X's shape, K = 1 and stride 0 beforehand). Returns an error status naming
+// the op and the shapes, or nullptr.
+inline OrtStatus* SequenceShapes(const OrtApi& api, OpKind kind, const char* op, Ort::KernelContext& ctx,
+                                 const std::vector<int64_t>& xs, const std::vector<int64_t>& vs, int64_t m,
+                                 int64_t* k, int64_t* x_stride, std::vector<int64_t>* s_shape) {
+  if (kind == OpKind::kStep) {
+    if (xs != vs) {
+      return MakeStatus(api, ORT_INVALID_ARGUMENT,
+                        std::string(op) + ": X " + ShapeStr(xs) + " and V " + ShapeStr(vs) +
+                            " must have the same shape");
+    }
+  } else if (kind == OpKind::kSeq) {
+    const bool tails_match =
+        !vs.empty() && xs.size() == vs.size() && std::equal(xs.begin() + 1, xs.end(), vs.begin() + 1);
+    const int64_t n = vs.empty() ? 0 : vs[0];
+    if (!tails_match || (n == 0 && xs[0] != 0) || (n != 0 && xs[0] % n != 0)) {
+      return MakeStatus(api, ORT_INVALID_ARGUMENT,
+                        std::string(op) + ": X " + ShapeStr(xs) + " is not K stacked batches of V " +
+                            ShapeStr(vs) + " (X must be [K*N, ...] for V [N, ...])");
+    }
+    *k = n ? xs[0] / n : 0;
+    *x_stride = m;
+  } else {
+    const std::vector<int64_t> ks = ctx.GetInput(2).GetTensorTypeAndShapeInfo().GetShape();
+    if (vs.empty() || xs != vs || ks.size() != 1) {
+      return MakeStatus(api, ORT_INVALID_ARGUMENT,
+                        std::string(op) + ": X " + ShapeStr(xs) + " and V " + ShapeStr(vs) +
+                            " must have the same shape, of rank >= 1, and Steps must be 1-D; got Steps " +
+                            ShapeStr(ks));
+    }
+    *k = ks[0];
+    (*s_shape)[0] = *k * vs[0];
+  }
+  return nullptr;
+}
+
 template <typename T>
 struct NeuronKernel {
   OpKind kind;
@@ -949,34 +987,7 @@ struct NeuronKernel {
       int64_t k = 1;
       int64_t x_stride = 0;
       const int64_t m = Product(vs);
-      if (kind == OpKind::kStep) {
-        if (xs != vs) {
-          return MakeStatus(api, ORT_INVALID_ARGUMENT,
-                            std::string(op) + ": X " + ShapeStr(xs) + " and V " + ShapeStr(vs) +
-                                " must have the same shape");
-        }
-      } else if (kind == OpKind::kSeq) {
-        const bool tails_match =
-            !vs.empty() && xs.size() == vs.size() && std::equal(xs.begin() + 1, xs.end(), vs.begin() + 1);
-        const int64_t n = vs.empty() ? 0 : vs[0];
-        if (!tails_match || (n == 0 && xs[0] != 0) || (n != 0 && xs[0] % n != 0)) {
-          return MakeStatus(api, ORT_INVALID_ARGUMENT,
-                            std::string(op) + ": X " + ShapeStr(xs) + " is not K stacked batches of V " +
-                                ShapeStr(vs) + " (X must be [K*N, ...] for V [N, ...])");
-        }
-        k = n ? xs[0] / n : 0;
-        x_stride = m;
-      } else {
-        const std::vector<int64_t> ks = ctx.GetInput(2).GetTensorTypeAndShapeInfo().GetShape();
-        if (vs.empty() || xs != vs || ks.size() != 1) {
-          return MakeStatus(api, ORT_INVALID_ARGUMENT,
-                            std::string(op) + ": X " + ShapeStr(xs) + " and V " + ShapeStr(vs) +
-                                " must have the same shape, of rank >= 1, and Steps must be 1-D; got Steps " +
-                                ShapeStr(ks));
-        }
-        k = ks[0];
-        s_shape[0] = k * vs[0];
-      }
+      if (OrtStatus* st = SequenceShapes(api, kind, op, ctx, xs, vs, m, &k, &x_stride, &s_shape)) return st;
 
       Ort::UnownedValue s_val = ctx.GetOutput(0, s_shape);
       Ort::UnownedValue vn_val = ctx.GetOutput(1, vs);

@@ -1,8 +1,10 @@
 """The native kernel library (``runtime/kernels/``, built by ``scripts/build_kernels.sh``).
 
-It registers CPU kernels for the ``onnx_snn`` neuron ops (``IFNeuron``, ``IFNeuronSeq``,
-``IFNeuronSeqConst``); onnxruntime prefers a registered kernel over the model's function body,
-so a session with the library runs the same model faster and computes the same numbers.
+It registers CPU kernels for every op of the ``onnx_snn`` domain; onnxruntime prefers a
+registered kernel over the model's function body, so a session with the library runs the same
+model faster and computes the same numbers. ``libonnx_snn_kernels_cuda.so``
+(``scripts/build_kernels_cuda.sh``, where nvcc is) carries the same CPU kernels plus CUDA ones;
+CUDA sessions load that one.
 """
 from __future__ import annotations
 
@@ -15,33 +17,37 @@ from .errors import OnnxSnnError
 
 ENV = "ONNX_SNN_KERNELS"
 LIBRARY = Path(__file__).resolve().parent / "native" / "libonnx_snn_kernels.so"
+CUDA_LIBRARY = LIBRARY.with_name("libonnx_snn_kernels_cuda.so")
 BUILD_HINT = "build it with `bash scripts/build_kernels.sh` (scripts/setup.sh does it when it can)"
+CUDA_BUILD_HINT = "build it with `bash scripts/build_kernels_cuda.sh` (needs nvcc; scripts/setup.sh runs it where nvcc is)"
 
 
 class KernelsError(OnnxSnnError):
     """Native kernels were asked for but the library is missing or does not load."""
 
 
-def library() -> Path | None:
+def library(cuda: bool = False) -> Path | None:
     """The library's path: ``$ONNX_SNN_KERNELS`` when set (an empty value disables the library),
-    else the one built into the package; None when there is none."""
+    else the one built into the package (``cuda``: the one with CUDA kernels); None when there is none."""
     if ENV in os.environ:
         value = os.environ[ENV]
         return Path(value) if value and Path(value).is_file() else None
-    return LIBRARY if LIBRARY.is_file() else None
+    path = CUDA_LIBRARY if cuda else LIBRARY
+    return path if path.is_file() else None
 
 
-def available() -> bool:
-    return library() is not None
+def available(cuda: bool = False) -> bool:
+    return library(cuda) is not None
 
 
-def register(options: ort.SessionOptions) -> None:
+def register(options: ort.SessionOptions, cuda: bool = False) -> None:
     """Load the library into a session's options; KernelsError when it is missing or broken."""
-    path = library()
+    path = library(cuda)
     if path is None:
-        where = os.environ.get(ENV) if ENV in os.environ else LIBRARY
-        raise KernelsError(f"native kernels requested but the library is missing ({where or 'disabled by ' + ENV + '='}); "
-                           f"{BUILD_HINT}, or use kernels='onnx'")
+        where = os.environ.get(ENV) if ENV in os.environ else (CUDA_LIBRARY if cuda else LIBRARY)
+        raise KernelsError(f"native {'CUDA ' if cuda else ''}kernels requested but the library is missing "
+                           f"({where or 'disabled by ' + ENV + '='}); {CUDA_BUILD_HINT if cuda else BUILD_HINT}, "
+                           "or use kernels='onnx'")
     try:
         options.register_custom_ops_library(str(path))
     except Exception as e:  # noqa: BLE001 - onnxruntime raises several types

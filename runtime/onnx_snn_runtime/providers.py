@@ -60,7 +60,7 @@ def session(model: bytes | str, provider: str, *, cuda_graph: bool = False, thre
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if native:
         from . import native as native_kernels
-        native_kernels.register(opts)
+        native_kernels.register(opts, cuda=provider == "CUDAExecutionProvider")
     if threads:
         opts.intra_op_num_threads = threads
     if not optimize:

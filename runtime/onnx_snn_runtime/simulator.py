@@ -135,6 +135,7 @@ class Simulator:
         """Pick kernels and execution (the rules README's "Speed" states) and start the engine."""
         cpu = provider == "CPUExecutionProvider"
         if kernels == "auto":
+            # CUDA kernels (build_kernels_cuda.sh) are opt-in until they have run on a GPU (issue 14)
             kernels = "native" if cpu and native.available() else "onnx"
         if execution == "auto":
             # chunks measured faster on the CPU with either kernels (README, "Speed"); on CUDA

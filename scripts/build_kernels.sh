@@ -15,6 +15,7 @@
 #
 # On failure prints one line "build_kernels.sh: native kernels not built: <reason>" to stderr and
 # exits 1; a library built before is then left as it was. On success prints the library's path.
+# With --headers it only finds (or fetches) the headers and prints their directory.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
@@ -90,6 +91,12 @@ else
     incdir=$(find_header_dir "$cache/root/usr/include") \
       || fail "no onnxruntime_cxx_api.h in $deb"
   fi
+fi
+
+# --headers: only print the header directory (scripts/build_kernels_cuda.sh uses it)
+if [ "${1:-}" = --headers ]; then
+  echo "$incdir"
+  exit 0
 fi
 
 mkdir -p "$outdir"

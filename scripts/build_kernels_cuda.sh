@@ -4,8 +4,8 @@
 # one onnx_snn domain with kernels for CPUExecutionProvider and CUDAExecutionProvider (see the
 # header of the .cu). Safe to re-run.
 #
-# The onnxruntime headers come from scripts/build_kernels.sh's cache (.cache/ort-headers, fetched
-# by running that script first when missing) or ORT_INCLUDE_DIR.
+# The onnxruntime headers are those scripts/build_kernels.sh finds or fetches (its --headers:
+# ORT_INCLUDE_DIR, else .cache/ort-headers).
 #
 # The .cu is compiled twice: g++ -x c++ -DONNX_SNN_CUDA_HOST (host part, includes the .cc) and
 # nvcc (device part), then linked by g++. Targets: sm_90 SASS + compute_90 PTX (override with
@@ -65,28 +65,7 @@ for h in "$cuda_home" /usr/local/cuda; do
 done
 [ -n "$cudalib" ] || fail "no libcudart under $cuda_home or /usr/local/cuda (set CUDA_HOME)"
 
-find_header_dir() {
-  local d=$1
-  if [ -f "$d/onnxruntime_cxx_api.h" ]; then
-    echo "$d"
-  elif [ -f "$d/onnxruntime/onnxruntime_cxx_api.h" ]; then
-    echo "$d/onnxruntime"
-  elif [ -f "$d/onnxruntime/core/session/onnxruntime_cxx_api.h" ]; then
-    echo "$d/onnxruntime/core/session"
-  else
-    return 1
-  fi
-}
-incdir=
-if [ -n "${ORT_INCLUDE_DIR:-}" ]; then
-  incdir=$(find_header_dir "$ORT_INCLUDE_DIR") || fail "ORT_INCLUDE_DIR=$ORT_INCLUDE_DIR has no onnxruntime_cxx_api.h"
-else
-  incdir=$(find_header_dir "$root/.cache/ort-headers/root/usr/include" 2>/dev/null) || incdir=
-  if [ -z "$incdir" ]; then
-    bash scripts/build_kernels.sh >/dev/null || fail "onnxruntime headers unavailable (scripts/build_kernels.sh failed)"
-    incdir=$(find_header_dir "$root/.cache/ort-headers/root/usr/include") || fail "no onnxruntime headers in .cache/ort-headers"
-  fi
-fi
+incdir=$(bash scripts/build_kernels.sh --headers) || fail "onnxruntime headers unavailable (see the line above)"
 
 gencode=${CUDA_GENCODE:-"-gencode arch=compute_90,code=sm_90 -gencode arch=compute_90,code=compute_90"}
 mkdir -p "$outdir"

@@ -925,6 +925,35 @@ bool ReadIntAttr(const OrtApi& api, const OrtKernelInfo* info, const char* name,
   return false;
 }
 
+// The shapes of a pooled neuron op's call (rank 4), checked as the CPU and CUDA kernels both
+// need: K and the distance between consecutive steps' currents (M, or 0 for a constant X).
+inline OrtStatus* PoolShapes(const OrtApi& api, OpKind kind, const char* op, Ort::KernelContext& ctx,
+                             const std::vector<int64_t>& xs, const std::vector<int64_t>& vs, int64_t m,
+                             int64_t* k, int64_t* x_stride) {
+  if (kind == OpKind::kSeqPool) {
+    const bool shapes_ok =
+        vs.size() == 4 && xs.size() == 4 && std::equal(xs.begin() + 1, xs.end(), vs.begin() + 1);
+    const int64_t n = shapes_ok ? vs[0] : 0;
+    if (!shapes_ok || (n == 0 && xs[0] != 0) || (n != 0 && xs[0] % n != 0)) {
+      return MakeStatus(api, ORT_INVALID_ARGUMENT,
+                        std::string(op) + ": X " + ShapeStr(xs) + " and V " + ShapeStr(vs) +
+                            ": V must be [N, C, H, W] (rank 4) and X [K*N, C, H, W], K stacked batches of V");
+    }
+    *k = n ? xs[0] / n : 0;
+    *x_stride = m;
+  } else {
+    const std::vector<int64_t> ks = ctx.GetInput(2).GetTensorTypeAndShapeInfo().GetShape();
+    if (vs.size() != 4 || xs != vs || ks.size() != 1) {
+      return MakeStatus(api, ORT_INVALID_ARGUMENT,
+                        std::string(op) + ": X " + ShapeStr(xs) + " and V " + ShapeStr(vs) +
+                            " must both be [N, C, H, W] (rank 4) and Steps must be 1-D; got Steps " +
+                            ShapeStr(ks));
+    }
+    *k = ks[0];
+  }
+  return nullptr;
+}
+
 // The shapes of a (non-pooled) neuron op's call, checked as the CPU and CUDA kernels both need:
 // K, the distance between consecutive steps' currents (M, or 0 for a constant X) and S's shape
 // (set by the caller to X's shape, K = 1 and stride 0 beforehand). Returns an error status naming
@@ -1031,27 +1060,7 @@ struct NeuronKernel {
     int64_t k = 0;
     int64_t x_stride = 0;
     const int64_t m = Product(vs);
-    if (kind == OpKind::kSeqPool) {
-      const bool shapes_ok =
-          vs.size() == 4 && xs.size() == 4 && std::equal(xs.begin() + 1, xs.end(), vs.begin() + 1);
-      const int64_t n = shapes_ok ? vs[0] : 0;
-      if (!shapes_ok || (n == 0 && xs[0] != 0) || (n != 0 && xs[0] % n != 0)) {
-        return MakeStatus(api, ORT_INVALID_ARGUMENT,
-                          std::string(op) + ": X " + ShapeStr(xs) + " and V " + ShapeStr(vs) +
-                              ": V must be [N, C, H, W] (rank 4) and X [K*N, C, H, W], K stacked batches of V");
-      }
-      k = n ? xs[0] / n : 0;
-      x_stride = m;
-    } else {
-      const std::vector<int64_t> ks = ctx.GetInput(2).GetTensorTypeAndShapeInfo().GetShape();
-      if (vs.size() != 4 || xs != vs || ks.size() != 1) {
-        return MakeStatus(api, ORT_INVALID_ARGUMENT,
-                          std::string(op) + ": X " + ShapeStr(xs) + " and V " + ShapeStr(vs) +
-                              " must both be [N, C, H, W] (rank 4) and Steps must be 1-D; got Steps " +
-                              ShapeStr(ks));
-      }
-      k = ks[0];
-    }
+    if (OrtStatus* st = PoolShapes(api, kind, op, ctx, xs, vs, m, &k, &x_stride)) return st;
     const int64_t n = vs[0], c = vs[1], h = vs[2], w = vs[3];
     const int64_t ho = h / kh, wo = w / kw;
     Ort::UnownedValue p_val = ctx.GetOutput(0, {k * n, c, ho, wo});
@@ -1127,13 +1136,40 @@ struct NeuronKernel {
   }
 };
 
+// What every neuron op declares, on the CPU and on CUDA alike: its name, and its inputs and
+// outputs by kind and element type.
 template <typename T>
-struct NeuronOp : Ort::CustomOpBase<NeuronOp<T>, NeuronKernel<T>, /*WithStatus=*/true> {
-  explicit NeuronOp(OpKind k) : kind(k) {}
+struct NeuronSignature {
+  explicit NeuronSignature(OpKind k) : kind(k) {}
+  const char* GetName() const { return OpName(kind); }
+  size_t GetInputTypeCount() const { return HasSteps(kind) ? 3 : 2; }
+  ONNXTensorElementDataType GetInputType(size_t index) const {
+    return index == 2 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64 : TypeTraits<T>::kType;
+  }
+  size_t GetOutputTypeCount() const { return kind == OpKind::kStep ? 2 : 3; }
+  ONNXTensorElementDataType GetOutputType(size_t /*index*/) const { return TypeTraits<T>::kType; }
+
+  OpKind kind;
+};
+
+// In an op class deriving from CustomOpBase and NeuronSignature<T>: OrtCustomOp (a base of
+// CustomOpBase) has function-pointer fields of these names, so name ours.
+#define ONNX_SNN_USE_NEURON_SIGNATURE                \
+  using NeuronSignature<T>::GetName;                 \
+  using NeuronSignature<T>::GetInputTypeCount;       \
+  using NeuronSignature<T>::GetInputType;            \
+  using NeuronSignature<T>::GetOutputTypeCount;      \
+  using NeuronSignature<T>::GetOutputType;
+
+template <typename T>
+struct NeuronOp : Ort::CustomOpBase<NeuronOp<T>, NeuronKernel<T>, /*WithStatus=*/true>,
+                  NeuronSignature<T> {
+  explicit NeuronOp(OpKind k) : NeuronSignature<T>(k) {}
+  ONNX_SNN_USE_NEURON_SIGNATURE
 
   // Runs when a session is created (kernel creation), so bad attributes fail the session.
   OrtStatus* CreateKernelV2(const OrtApi& api, const OrtKernelInfo* info, void** op_kernel) const {
-    const char* op = OpName(kind);
+    const char* op = OpName(this->kind);
     float threshold = 1.0f;
     float v_reset = 0.0f;
     int64_t reset_mode = 0;
@@ -1160,7 +1196,7 @@ struct NeuronOp : Ort::CustomOpBase<NeuronOp<T>, NeuronKernel<T>, /*WithStatus=*
       return MakeStatus(api, ORT_INVALID_ARGUMENT, os.str());
     }
     std::vector<int64_t> kernel_shape;
-    if (IsPool(kind)) {
+    if (IsPool(this->kind)) {
       size_t size = 0;
       OrtStatus* st = api.KernelInfoGetAttributeArray_int64(info, "kernel_shape", nullptr, &size);
       if (st != nullptr) {
@@ -1181,9 +1217,9 @@ struct NeuronOp : Ort::CustomOpBase<NeuronOp<T>, NeuronKernel<T>, /*WithStatus=*
       }
     }
     auto* kernel = new (std::nothrow)
-        NeuronKernel<T>{kind, reset_mode, TypeTraits<T>::FromFloat(threshold), TypeTraits<T>::FromFloat(v_reset)};
+        NeuronKernel<T>{this->kind, reset_mode, TypeTraits<T>::FromFloat(threshold), TypeTraits<T>::FromFloat(v_reset)};
     if (kernel == nullptr) return MakeStatus(api, ORT_FAIL, std::string(op) + ": out of memory");
-    if (IsPool(kind)) {
+    if (IsPool(this->kind)) {
       kernel->kh = kernel_shape[0];
       kernel->kw = kernel_shape[1];
     }
@@ -1191,17 +1227,7 @@ struct NeuronOp : Ort::CustomOpBase<NeuronOp<T>, NeuronKernel<T>, /*WithStatus=*
     return nullptr;
   }
 
-  const char* GetName() const { return OpName(kind); }
   const char* GetExecutionProviderType() const { return "CPUExecutionProvider"; }
-
-  size_t GetInputTypeCount() const { return HasSteps(kind) ? 3 : 2; }
-  ONNXTensorElementDataType GetInputType(size_t index) const {
-    return index == 2 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64 : TypeTraits<T>::kType;
-  }
-  size_t GetOutputTypeCount() const { return kind == OpKind::kStep ? 2 : 3; }
-  ONNXTensorElementDataType GetOutputType(size_t /*index*/) const { return TypeTraits<T>::kType; }
-
-  OpKind kind;
 };
 
 const NeuronOp<float> kStepF(OpKind::kStep), kSeqF(OpKind::kSeq), kSeqConstF(OpKind::kSeqConst),
@@ -1220,13 +1246,14 @@ std::vector<Ort::CustomOpDomain>& Domains() {
   return *domains;
 }
 
-}  // namespace
-
-ONNX_SNN_EXPORT OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* api_base) {
+// Registers one onnx_snn domain holding the CPU ops and ``extra`` (the CUDA library's CUDA ops).
+// ``library`` names the library in the error for a too old onnxruntime.
+inline OrtStatus* RegisterDomain(OrtSessionOptions* options, const OrtApiBase* api_base, const char* library,
+                                 std::initializer_list<const OrtCustomOp*> extra) {
   const OrtApi* api = api_base->GetApi(ORT_API_VERSION);
   if (api == nullptr) {
     const OrtApi* api1 = api_base->GetApi(1);
-    const std::string msg = std::string("libonnx_snn_kernels needs onnxruntime API version ") +
+    const std::string msg = std::string(library) + " needs onnxruntime API version " +
                             std::to_string(ORT_API_VERSION) + " (onnxruntime >= 1." +
                             std::to_string(ORT_API_VERSION) + "); this onnxruntime is " +
                             api_base->GetVersionString();
@@ -1240,6 +1267,7 @@ ONNX_SNN_EXPORT OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* opt
              &kSeqPoolD, &kSeqConstPoolD, &kStepH, &kSeqH, &kSeqConstH, &kSeqPoolH, &kSeqConstPoolH}) {
       domain.Add(op);
     }
+    for (const OrtCustomOp* op : extra) domain.Add(op);
     Ort::UnownedSessionOptions(options).Add(domain);
     std::lock_guard<std::mutex> lock(domains_mutex);
     Domains().push_back(std::move(domain));
@@ -1249,4 +1277,10 @@ ONNX_SNN_EXPORT OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* opt
     return api->CreateStatus(ORT_FAIL, e.what());
   }
   return nullptr;
+}
+
+}  // namespace
+
+ONNX_SNN_EXPORT OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* api_base) {
+  return RegisterDomain(options, api_base, "libonnx_snn_kernels", {});
 }

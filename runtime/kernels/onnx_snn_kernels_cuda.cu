@@ -116,27 +116,7 @@ struct CudaNeuronKernel {
       const char* err = nullptr;
       if (IsPool(kind)) {
         int64_t k = 0, x_stride = 0;
-        if (kind == OpKind::kSeqPool) {
-          const bool shapes_ok =
-              vs.size() == 4 && xs.size() == 4 && std::equal(xs.begin() + 1, xs.end(), vs.begin() + 1);
-          const int64_t n = shapes_ok ? vs[0] : 0;
-          if (!shapes_ok || (n == 0 && xs[0] != 0) || (n != 0 && xs[0] % n != 0)) {
-            return MakeStatus(api, ORT_INVALID_ARGUMENT,
-                              std::string(op) + ": X " + ShapeStr(xs) + " and V " + ShapeStr(vs) +
-                                  ": V must be [N, C, H, W] (rank 4) and X [K*N, C, H, W], K stacked batches of V");
-          }
-          k = n ? xs[0] / n : 0;
-          x_stride = m;
-        } else {
-          const std::vector<int64_t> ks = ctx.GetInput(2).GetTensorTypeAndShapeInfo().GetShape();
-          if (vs.size() != 4 || xs != vs || ks.size() != 1) {
-            return MakeStatus(api, ORT_INVALID_ARGUMENT,
-                              std::string(op) + ": X " + ShapeStr(xs) + " and V " + ShapeStr(vs) +
-                                  " must both be [N, C, H, W] (rank 4) and Steps must be 1-D; got Steps " +
-                                  ShapeStr(ks));
-          }
-          k = ks[0];
-        }
+        if (OrtStatus* st = PoolShapes(api, kind, op, ctx, xs, vs, m, &k, &x_stride)) return st;
         onnx_snn_cuda::PoolParams p{};
         p.n = vs[0];
         p.c = vs[1];
@@ -196,34 +176,26 @@ struct CudaNeuronKernel {
 };
 
 template <typename T>
-struct CudaNeuronOp : Ort::CustomOpBase<CudaNeuronOp<T>, CudaNeuronKernel<T>, /*WithStatus=*/true> {
-  explicit CudaNeuronOp(OpKind k) : kind(k) {}
+struct CudaNeuronOp : Ort::CustomOpBase<CudaNeuronOp<T>, CudaNeuronKernel<T>, /*WithStatus=*/true>,
+                  NeuronSignature<T> {
+  explicit CudaNeuronOp(OpKind k) : NeuronSignature<T>(k) {}
+  ONNX_SNN_USE_NEURON_SIGNATURE
 
   // Attributes are parsed and checked by the CPU op (same errors).
   OrtStatus* CreateKernelV2(const OrtApi& api, const OrtKernelInfo* info, void** op_kernel) const {
-    NeuronOp<T> cpu(kind);
+    NeuronOp<T> cpu(this->kind);
     void* raw = nullptr;
     OrtStatus* st = cpu.CreateKernelV2(api, info, &raw);
     if (st != nullptr) return st;
     auto* cpu_kernel = static_cast<NeuronKernel<T>*>(raw);
     auto* kernel = new (std::nothrow) CudaNeuronKernel<T>{*cpu_kernel};
     delete cpu_kernel;
-    if (kernel == nullptr) return MakeStatus(api, ORT_FAIL, std::string(OpName(kind)) + ": out of memory");
+    if (kernel == nullptr) return MakeStatus(api, ORT_FAIL, std::string(OpName(this->kind)) + ": out of memory");
     *op_kernel = kernel;
     return nullptr;
   }
 
-  const char* GetName() const { return OpName(kind); }
   const char* GetExecutionProviderType() const { return "CUDAExecutionProvider"; }
-
-  size_t GetInputTypeCount() const { return HasSteps(kind) ? 3 : 2; }
-  ONNXTensorElementDataType GetInputType(size_t index) const {
-    return index == 2 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64 : TypeTraits<T>::kType;
-  }
-  size_t GetOutputTypeCount() const { return kind == OpKind::kStep ? 2 : 3; }
-  ONNXTensorElementDataType GetOutputType(size_t /*index*/) const { return TypeTraits<T>::kType; }
-
-  OpKind kind;
 };
 
 const CudaNeuronOp<float> kCudaStepF(OpKind::kStep), kCudaSeqF(OpKind::kSeq), kCudaSeqConstF(OpKind::kSeqConst),
@@ -236,35 +208,10 @@ const CudaNeuronOp<Half> kCudaStepH(OpKind::kStep), kCudaSeqH(OpKind::kSeq), kCu
 }  // namespace
 
 ONNX_SNN_EXPORT OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* api_base) {
-  const OrtApi* api = api_base->GetApi(ORT_API_VERSION);
-  if (api == nullptr) {
-    const OrtApi* api1 = api_base->GetApi(1);
-    const std::string msg = std::string("libonnx_snn_kernels_cuda needs onnxruntime API version ") +
-                            std::to_string(ORT_API_VERSION) + " (onnxruntime >= 1." +
-                            std::to_string(ORT_API_VERSION) + "); this onnxruntime is " +
-                            api_base->GetVersionString();
-    return api1 ? api1->CreateStatus(ORT_FAIL, msg.c_str()) : nullptr;
-  }
-  Ort::InitApi(api);
-  try {
-    Ort::CustomOpDomain domain{kDomain};
-    for (const OrtCustomOp* op : std::initializer_list<const OrtCustomOp*>{
-             &kStepF, &kSeqF, &kSeqConstF, &kSeqPoolF, &kSeqConstPoolF, &kStepD, &kSeqD, &kSeqConstD,
-             &kSeqPoolD, &kSeqConstPoolD, &kStepH, &kSeqH, &kSeqConstH, &kSeqPoolH, &kSeqConstPoolH,
-             &kCudaStepF, &kCudaSeqF, &kCudaSeqConstF, &kCudaSeqPoolF, &kCudaSeqConstPoolF, &kCudaStepD,
-             &kCudaSeqD, &kCudaSeqConstD, &kCudaSeqPoolD, &kCudaSeqConstPoolD, &kCudaStepH, &kCudaSeqH,
-             &kCudaSeqConstH, &kCudaSeqPoolH, &kCudaSeqConstPoolH}) {
-      domain.Add(op);
-    }
-    Ort::UnownedSessionOptions(options).Add(domain);
-    std::lock_guard<std::mutex> lock(domains_mutex);
-    Domains().push_back(std::move(domain));
-  } catch (const Ort::Exception& e) {
-    return api->CreateStatus(e.GetOrtErrorCode(), e.what());
-  } catch (const std::exception& e) {
-    return api->CreateStatus(ORT_FAIL, e.what());
-  }
-  return nullptr;
+  return RegisterDomain(options, api_base, "libonnx_snn_kernels_cuda",
+                        {&kCudaStepF, &kCudaSeqF, &kCudaSeqConstF, &kCudaSeqPoolF, &kCudaSeqConstPoolF, &kCudaStepD,
+                         &kCudaSeqD, &kCudaSeqConstD, &kCudaSeqPoolD, &kCudaSeqConstPoolD, &kCudaStepH, &kCudaSeqH,
+                         &kCudaSeqConstH, &kCudaSeqPoolH, &kCudaSeqConstPoolH});
 }
 
 #else  // !ONNX_SNN_CUDA_HOST

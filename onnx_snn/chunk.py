@@ -30,20 +30,19 @@ import logging
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
-from onnx_snn_runtime.format import MEMBRANE, OUTPUT_SUM, State
+from onnx_snn_runtime.format import MEMBRANE, OUTPUT_SUM, STEPS_INPUT, State
 
 from .graph import np_dtype
 from .ops import if_neuron, if_neuron_pool, if_neuron_seq
 from .record import ConversionRecord
 
 log = logging.getLogger(__name__)
-STEPS = "snn.steps"
 
 
 class _Builder:
     def __init__(self, graph: gs.Graph):
         self.graph = graph
-        self.steps = gs.Variable(STEPS, dtype=np.int64, shape=["K"])
+        self.steps = gs.Variable(STEPS_INPUT, dtype=np.int64, shape=["K"])
         self._k = None
 
     def node(self, op: str, name: str, inputs, outputs=None, **attrs) -> gs.Variable:
@@ -81,9 +80,9 @@ class _Builder:
         joined = self.node("Concat", f"{base}.joined", [head, xs], axis=0)
         return self.node("CumSum", f"{base}.cumsum", [joined, self.const(f"{base}.time_axis", 0)])
 
-    def time_slice(self, x: gs.Tensor, start: int, end: int, base: str) -> gs.Variable:
+    def time_slice(self, x: gs.Tensor, start: int, end: int, base: str, outputs=None) -> gs.Variable:
         return self.node("Slice", base, [x, self.const(f"{base}.start", [start]),
-                                         self.const(f"{base}.end", [end]), self.const(f"{base}.axes", [0])])
+                                         self.const(f"{base}.end", [end]), self.const(f"{base}.axes", [0])], outputs)
 
 
 def build_chunk(body: gs.Graph, boundary: list[str], states: list[State], outputs: list[str],
@@ -126,16 +125,16 @@ def build_chunk(body: gs.Graph, boundary: list[str], states: list[State], output
 
     chunk_outputs = [tensors[s.output] for s in states]
     step_outputs = []
+    body_tensors = body.tensors()  # the graph's own shapes were cleared above
     for y_name in outputs:
         y = tensors[y_name]
-        acc_in = gs.Variable(f"snn.acc.{y_name}", dtype=y.dtype, shape=_batch_shape(body.tensors()[y_name]))
+        acc_in = gs.Variable(f"snn.acc.{y_name}", dtype=y.dtype, shape=_batch_shape(body_tensors[y_name]))
         base = f"snn.acc.{y_name}"
         sums = b.scan_sum(acc_in, b.time_major(y, acc_in, base), base)
         steps_out = gs.Variable(f"{base}.steps", dtype=y.dtype,
                                 shape=None if acc_in.shape is None else ["K"] + acc_in.shape)
         acc_out = gs.Variable(f"{base}.next", dtype=y.dtype, shape=acc_in.shape)
-        b.node("Slice", f"{base}.each", [sums, b.const(f"{base}.one", [1]), b.const(f"{base}.big", [2**62]),
-                                         b.const(f"{base}.axes", [0])], [steps_out])
+        b.time_slice(sums, 1, 2**62, f"{base}.each", [steps_out])
         b.node("Squeeze", f"{base}.last", [b.time_slice(sums, -1, 2**62, f"{base}.tail_slice"),
                                            b.const(f"{base}.sq_axis", [0])], [acc_out])
         graph.inputs.append(acc_in)
@@ -253,7 +252,8 @@ def check_chunk(chunk: bytes, body: bytes, boundary: list[str], states: list[Sta
                 shape = [batch] + [d if isinstance(d, int) else 1 for d in i.shape[1:]]
                 dtype = np.float64 if i.type == "tensor(double)" else np.float32
                 feeds[i.name] = (rng.standard_normal(shape) * 0.7 + 0.3).astype(dtype)
-        values = {s.input: s.initial(batch) for s in states}
+        start = {s.input: s.initial(batch) for s in states}
+        values = start
         expected_steps = {s.input: [] for s in states if s.kind == OUTPUT_SUM}
         counts = {o.name: [] for o in step.get_outputs() if o.name.endswith(".spike_count")}
         names = [o.name for o in step.get_outputs()]
@@ -264,9 +264,8 @@ def check_chunk(chunk: bytes, body: bytes, boundary: list[str], states: list[Sta
                 expected_steps[name].append(values[name])
             for name in counts:
                 counts[name].append(out[name])
-        start = {s.input: s.initial(batch) for s in states}
         got = dict(zip([o.name for o in whole.get_outputs()],
-                       whole.run(None, {**feeds, **start, STEPS: np.arange(steps, dtype=np.int64)})))
+                       whole.run(None, {**feeds, **start, STEPS_INPUT: np.arange(steps, dtype=np.int64)})))
     except Exception as e:  # noqa: BLE001 - onnxruntime raises several types
         return f"onnxruntime could not run it ({e})"
     wanted = {s.output: values[s.input] for s in states}

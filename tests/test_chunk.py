@@ -11,6 +11,7 @@ from onnx_builder import GraphBuilder
 from onnx_snn_runtime import Simulator, native
 from onnx_snn_runtime.format import KEY_RUNTIME_FORM, RuntimeForm
 from onnx_snn_runtime.native import KernelsError
+from onnx_snn_runtime.simulator import ACTIVATIONS_PER_NEURON
 
 import onnx_snn
 from onnx_snn import chunk
@@ -74,7 +75,7 @@ def simulators(path, K=None, n=1):
     for execution, kernels in kinds:
         sim = Simulator(path, "cpu", execution=execution, kernels=kernels, optimize=False)
         if K is not None:  # a budget that gives exactly K steps per chunk for n samples
-            sim.chunk_memory = K * max(n, 1) * sim._neurons_per_sample * 3
+            sim.chunk_memory = K * max(n, 1) * sim._membrane_bytes_per_sample * ACTIVATIONS_PER_NEURON
         sims.append(sim)
     return sims
 
@@ -128,7 +129,7 @@ def test_final_output_only_and_evaluate_agree(converted, bundled):
 
 def test_memory_budget_bounds_k(converted):
     sim = Simulator(converted["sample_cnn"], "cpu", execution="chunk", kernels="onnx")
-    per_step = sim._neurons_per_sample * 3
+    per_step = sim._membrane_bytes_per_sample * ACTIVATIONS_PER_NEURON
     assert sim.chunk_steps(100, 1000) == max(1, sim.chunk_memory // (100 * per_step))
     assert sim.chunk_steps(1, 4) == 4
     sim.chunk_memory = 1

@@ -92,5 +92,6 @@ class ChunkEngine:
         """An empty batch needs no onnxruntime call (and Scan, in the function bodies, refuses one)."""
         outputs = {o: np.zeros([k, 0] + list(self._accumulators[o].shape[1:]), self._accumulators[o].dtype)
                    for o in self.plan.outputs} if fetch_outputs else None
-        counts = {layer: np.zeros((k, 0), np.float32) for layer, _ in self._counts} if fetch_counts else None
+        dtypes = {s.input: s.dtype for s in self.plan.states}  # a count has its layer's type
+        counts = {layer: np.zeros((k, 0), dtypes[layer]) for layer, _ in self._counts} if fetch_counts else None
         return outputs, counts

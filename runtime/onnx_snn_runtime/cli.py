@@ -131,20 +131,18 @@ def info_lines() -> list[str]:
 
     from . import native
     from . import providers as prov
-    library = native.library()
-    loads = ""
+    library, loaded, status = native.library(), False, ""
     if library is not None:
         try:
             native.register(ort.SessionOptions())
-            loads = ", loads"
+            loaded, status = True, ", loads"
         except native.KernelsError as e:
-            loads = f", does NOT load: {e}"
+            status = f", does NOT load: {e}"
     gpu = "" if prov.gpu_present() else " (no GPU device found)"
-    cpu = "chunk execution, " + ("native kernels" if library and not loads.startswith(", does") else
-                                 "the models' function bodies (no native kernels)")
+    cpu = "chunk execution, " + ("native kernels" if loaded else "the models' function bodies (no native kernels)")
     return [f"onnxruntime {ort.__version__}",
             f"providers: {', '.join(ort.get_available_providers())}{gpu}",
-            f"native kernels: {library}{loads}" if library else
+            f"native kernels: {library}{status}" if library else
             f"native kernels: not built ({native.BUILD_HINT})",
             f"CPU default: {cpu}"]
 

@@ -126,7 +126,7 @@ class Simulator:
         self.firing_available = bool(plan.spike_counts)
         self._streaming: int | None = None
         self._feeder = Feeder(self.inputs, "simulator input")
-        self._neurons_per_sample = sum(int(np.prod(s.shape[1:])) * np.dtype(s.dtype).itemsize
+        self._membrane_bytes_per_sample = sum(int(np.prod(s.shape[1:])) * np.dtype(s.dtype).itemsize
                                        for s in self.spec.states if s.kind == MEMBRANE)
         log.info("simulator on %s, %s execution, %s kernels, CUDA graphs %s, runtime form %s", self.provider,
                  self.execution, self.kernels, self.cuda_graph_status, "yes" if form else "no")
@@ -171,7 +171,7 @@ class Simulator:
     def chunk_steps(self, batch: int, T: int) -> int:
         """K for a run of T steps on ``batch`` samples: the most steps whose activations fit
         ``chunk_memory`` (at least 1, at most T)."""
-        per_step = max(1, batch) * self._neurons_per_sample * ACTIVATIONS_PER_NEURON
+        per_step = max(1, batch) * self._membrane_bytes_per_sample * ACTIVATIONS_PER_NEURON
         return int(max(1, min(T, self.chunk_memory // max(per_step, 1))))
 
     def _named(self, x) -> dict:

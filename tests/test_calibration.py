@@ -181,3 +181,44 @@ def test_tail_quantile_among_zeros_is_the_lowest_bin_edge_not_zero():
     dense.update(x.astype(np.float32).reshape(1, -1))
     lam = hist.quantile(0.99)[0]
     assert 0 < lam <= 2.0 / (1 << 16) * 1.01 and abs(lam - dense.quantile(0.99)[0]) <= 2.0 / (1 << 16)
+
+
+def test_counters_are_32_bit_until_a_channel_could_overflow_them():
+    """Bins count in int32 (half the memory of a wide per-channel histogram) and widen to int64
+    before 2^31 values per channel, keeping every count."""
+    from onnx_snn.calibration.stats import TailHistogram
+    rng = np.random.default_rng(4)
+    x = np.abs(rng.standard_normal((16, 3, 10))).astype(np.float32)
+    for hist in (StreamingHistogram(3, 64), TailHistogram(np.zeros(3), 64)):
+        assert hist.counts.dtype == np.int32
+        hist.n = 2**31 - 100  # as if it had seen that many values per channel
+        before = hist.counts.astype(np.int64)
+        rows = np.moveaxis(x, 1, 0).reshape(3, -1)
+        if isinstance(hist, TailHistogram):
+            hist.update(rows.ravel(), np.repeat(np.arange(3), rows.shape[1]), rows.shape[1], rows.max(axis=1))
+        else:
+            hist.update(x)
+        assert hist.counts.dtype == np.int64 and hist.counts.sum() - before.sum() == x.size
+
+
+def test_threshold_search_equals_the_direct_formula_on_many_channels():
+    """search_threshold computes in place and shares channels among threads: the same lambda as
+    the rate-coding error written out with ``quantised``, channel by channel."""
+    from onnx_snn.calibration import search
+    rng = np.random.default_rng(5)
+    hist = StreamingHistogram(150, 4096)
+    for _ in range(3):
+        x = np.maximum(rng.standard_normal((4, 150, 6, 6)), 0) * rng.random((1, 150, 1, 1)) * 5
+        x[:, 7] = 0  # a dead channel: lambda 0
+        hist.update(x.astype(np.float32))
+    for T, v_init in [(8, 0.5), (4, 0.0)]:
+        expected = np.zeros(hist.channels)
+        for c in np.flatnonzero(hist.max > 0):
+            counts = hist.counts[c].reshape(search.SEARCH_BINS, -1).sum(axis=1).astype(np.float64)
+            centres = np.minimum((np.arange(len(counts)) + 0.5) * hist.range[c] / len(counts), hist.max[c])
+            lams = hist.max[c] * np.arange(1, 257) / 256
+            a = centres[None, :]
+            error = (counts[None, :] * (a - search.quantised(a, lams[:, None], T, v_init)) ** 2).sum(axis=1)
+            expected[c] = lams[np.argmin(error)]
+        np.testing.assert_array_equal(search.search_threshold(hist, T, v_init), expected)
+        assert expected[7] == 0

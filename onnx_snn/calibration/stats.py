@@ -4,7 +4,8 @@ Each channel (or the whole layer, ``channels=1``) keeps the exact running max an
 histogram of ``bins`` equal-width bins over ``[0, R)``. R starts at the first positive batch
 max and doubles (merging bin pairs, which keeps every bin edge exact) whenever a larger value
 arrives, so R < 2 * max at all times and memory is ``channels * bins`` counters whatever the
-dataset size.
+dataset size. The counters are 32-bit until a channel has seen 2^31 values (then 64-bit): 4096
+bins per channel over the 22 720 channels of a ResNet-50's ReLUs hold 0.37 GB, not 0.75.
 
 Error bound. ``quantile(q)`` returns the upper edge of the bin holding the inverted-CDF
 q-quantile (numpy's ``method="inverted_cdf"``), capped at the exact max. Hence
@@ -42,7 +43,7 @@ class StreamingHistogram:
         self.bins = bins or (DEFAULT_BINS_LAYER if channels == 1 else DEFAULT_BINS_CHANNEL)
         if self.bins < 2 or self.bins & (self.bins - 1):
             raise ValueError(f"bins must be a power of two >= 2, got {self.bins}")
-        self.counts = np.zeros((channels, self.bins if histogram else 0), dtype=np.int64)
+        self.counts = np.zeros((channels, self.bins if histogram else 0), dtype=np.int32)
         self.range = np.zeros(channels)   # R per channel; 0 until a positive value is seen
         self.max = np.zeros(channels)     # exact running max (activations are >= 0)
         self.n = 0                        # values seen per channel
@@ -52,6 +53,11 @@ class StreamingHistogram:
         if self.channels == 1:
             return x.reshape(1, -1)
         return np.moveaxis(x, 1, 0).reshape(self.channels, -1)
+
+    def _reserve(self, values: int) -> None:
+        """Widen the counters to 64 bits before ``values`` more per channel could overflow 32."""
+        if self.counts.dtype == np.int32 and self.n + values > np.iinfo(np.int32).max:
+            self.counts = self.counts.astype(np.int64)
 
     def _grow(self, c: int, needed: float) -> None:
         if self.range[c] == 0:
@@ -72,6 +78,7 @@ class StreamingHistogram:
         if not self.histogram:
             self.n += rows.shape[1]
             return
+        self._reserve(rows.shape[1])
         for c in np.flatnonzero(batch_max >= self.range):
             if batch_max[c] > 0:
                 # R must exceed the max so the max lands inside the last bin, not on its edge
@@ -147,6 +154,7 @@ class TailHistogram(StreamingHistogram):
         if not finite or not np.isfinite(batch_max).all() or not np.isfinite(values).all():
             raise ValueError("activations contain Inf or NaN")
         self.max = np.maximum(self.max, batch_max)
+        self._reserve(per_channel)
         above = np.bincount(channel, minlength=self.channels)
         self.below += per_channel - above
         self.n += per_channel

@@ -85,20 +85,23 @@ def test_sorted_data_that_defeats_the_first_floor_gets_a_second_pass(caplog):
     assert abs(again[0].lam - exact) <= 2 * acts.max() / (1 << 16)
 
 
-def test_probe_sees_nan_activations(monkeypatch):
-    """onnxruntime's ReduceMax skips NaN: the probe's sum must still refuse them."""
+@pytest.mark.parametrize("dense_tails", [True, False])
+def test_nan_activations_are_refused(monkeypatch, dense_tails):
+    """onnxruntime's ReduceMax skips NaN: the probe's sum must still refuse them (in the second
+    batch, which the probe runs); numpy's max does not skip them."""
     b = GraphBuilder(seed=11)
     big = b.const(np.array(1e38, np.float32))
     h = b.op("Sub", [b.op("Mul", ["x", big]), b.op("Mul", ["x", big])])  # inf - inf = NaN where x overflows
     y = b.op("Relu", [b.op("Conv", [h, b.rand(2, 1, 1, 1)])])
     model = b.model({"x": ["N", 1, 4, 4]}, [y])
     x = np.full((8, 1, 4, 4), 0.5, np.float32)
-    x[3, 0, 1, 1] = 10.0  # 1e39 overflows to inf in float32
+    x[5, 0, 1, 1] = 10.0  # 1e39 overflows to inf in float32
     monkeypatch.setattr(calibrate.Calibrate, "_dense", None)
+    monkeypatch.setattr(calibrate, "DENSE_TAILS", dense_tails)
     with pytest.raises(CalibrationError, match="NaN"):
-        Calibrate(x, "99.9%", progress=False)(model)
+        Calibrate(x, "99.9%", batch_size=4, progress=False)(model)
     # the same model on data that does not overflow calibrates
-    assert Calibrate(np.full((8, 1, 4, 4), 0.5, np.float32), "99.9%", progress=False)(model).record.sites
+    assert Calibrate(np.full((8, 1, 4, 4), 0.5, np.float32), "99.9%", batch_size=4, progress=False)(model).record.sites
 
 
 # -- lambda per site against numpy -------------------------------------------------------------------
@@ -231,3 +234,68 @@ def test_dead_channels_and_dead_layers_get_a_usable_lambda(caplog):
     assert "1 of 4 channels never activated" in caplog.text and "never activated" in caplog.text
     assert f"layer {dead.node} (Relu) never activated" in caplog.text
     pass_.ensures(result.model, result.record)
+
+
+# -- the dense tails, the first batch's floors and the bound on a run's activations -----------------
+
+@pytest.mark.parametrize("mode, per_channel", [("99.9%", False), ("99.9%", True), ("99.8%", True), (0.3, False),
+                                               ("100%", True)])
+def test_tails_from_the_dense_model_equal_the_probes(mode, per_channel, monkeypatch):
+    """Selecting each batch's tail in numpy from the dense model (the default) or in the graph
+    (the probe, ``DENSE_TAILS = False``) gives the same statistics, bit for bit."""
+    model, x = _net(), _data(700)
+
+    def run():
+        result = Calibrate(x, mode, per_channel=per_channel, batch_size=64, progress=False)(model)
+        return [site.to_json() for site in result.record.sites]
+
+    dense = run()
+    monkeypatch.setattr(calibrate, "DENSE_TAILS", False)
+    assert run() == dense
+
+
+def _old_floor(tail, channel, keep, channels):
+    """The first batch's floor as the probe path chose it: per channel, from the values above 0."""
+    floor = np.zeros(channels)
+    for c in range(channels):
+        values = tail if channel is None else tail[channel == c]
+        if 0 < keep < len(values) or keep == 0 and len(values):
+            k = len(values) - max(keep, 1)
+            floor[c] = np.nextafter(np.partition(values, k)[k], -np.inf)
+    return floor
+
+
+@pytest.mark.parametrize("q", [99.9, 99.5, 100.0])
+def test_first_batch_floor_is_the_per_channel_partition_of_the_positive_values(q):
+    rng = np.random.default_rng(5)
+    rows = np.maximum(rng.standard_normal((6, 500)), 0).astype(np.float32)
+    rows[1, :] = 0                     # never positive
+    rows[2, 3:] = 0                    # fewer positive values than the tail keeps
+    rows[3, :] = np.float32(6.0)       # saturated: every value tied
+    rows[4, rng.random(500) < 0.3] = 2.5  # ties at the top
+    pass_ = Calibrate(None, f"{q}%", per_channel=True, progress=False)
+    got = pass_._floor(rows, rows.max(axis=1).astype(np.float64))
+    keep = int(np.ceil(calibrate.FLOOR_TAIL * (1.0 - q / 100.0) * rows.shape[1]))
+    positive = rows > 0
+    channel = np.repeat(np.arange(6), positive.sum(axis=1))
+    np.testing.assert_array_equal(got, _old_floor(rows[positive].astype(np.float64), channel, keep, 6))
+
+
+def test_batches_larger_than_the_byte_bound_are_split(monkeypatch, caplog):
+    """A batch whose activations exceed DENSE_BYTES runs in parts that fit, as if batch_size
+    were the part's size: the same result as that batch size."""
+    model, x = _net(), _data(300)
+    sites = calibrate.neuron_sites(calibrate.with_shapes(model))
+    per_sample = sum(s.sample_bytes for s in sites)
+    assert per_sample == (4 * 4 * 4 + 5) * 4
+    monkeypatch.setattr(calibrate, "DENSE_BYTES", 24 * per_sample)
+    caplog.set_level(logging.INFO, logger=calibrate.log.name)
+    for mode, per_channel in [("99.9%", True), ("99%", False), ("search", True), ("max", False)]:
+        options = dict(per_channel=per_channel, progress=False, target_T=4 if mode == "search" else None)
+        split = Calibrate(x, mode, batch_size=100, **options)(model).record
+        assert "running them 24 samples at a time" in caplog.text
+        caplog.clear()
+        same = Calibrate(x, mode, batch_size=24, **options)(model).record
+        assert "at a time" not in caplog.text
+        assert [s.to_json() for s in split.sites] == [s.to_json() for s in same.sites]
+        assert split.calibration.samples == len(x)

@@ -1,6 +1,10 @@
 """CorrectBias: an Add(shift) before each neuron's scale_in brings its mean output after T steps
-to the rescaled ANN's, channel by channel."""
+to the rescaled ANN's, channel by channel, with bounded memory."""
+import copy
+import logging
+
 import numpy as np
+import onnx_graphsurgeon as gs
 import pytest
 from onnx import numpy_helper
 from onnx_builder import GraphBuilder
@@ -8,6 +12,7 @@ from onnx_builder import GraphBuilder
 from onnx_snn.converter import Converter
 from onnx_snn.errors import OptionError
 from onnx_snn.model_util import probe_session
+from onnx_snn.passes import correct_bias
 from onnx_snn.passes.base import ContractError, PassManager
 from onnx_snn.passes.correct_bias import CorrectBias, analog_model
 from onnx_snn.passes.fold_scales import FoldScales
@@ -124,3 +129,128 @@ def test_needs_if_neurons_with_input_scales_and_a_target_T():
         pass_(folded.model, folded.record)
     with pytest.raises(OptionError, match="target_T"):
         CorrectBias(x)
+
+
+# -- bounded memory ----------------------------------------------------------------------------------
+
+def wide_net():
+    """A wide first layer (16 channels of 16 x 16: 16 KB per image) before a narrow one."""
+    b = GraphBuilder(seed=5)
+    h = b.op("Relu", [b.op("Conv", ["x", b.rand(16, 2, 3, 3), b.rand(16)], pads=[1, 1, 1, 1])])
+    g = b.op("Relu", [b.op("Conv", [h, b.rand(4, 16, 3, 3), b.rand(4)])])
+    y = b.op("Relu", [b.op("Add", [b.op("Conv", [g, b.rand(16, 4, 3, 3), b.rand(16)], pads=[1, 1, 1, 1]),
+                                   b.op("Slice", [h, b.const(np.array([1, 1], np.int64)),
+                                                  b.const(np.array([15, 15], np.int64)),
+                                                  b.const(np.array([2, 3], np.int64))])])])
+    return b.model({"x": ["N", 2, 16, 16]}, [b.op("ReduceMean", [y], axes=[2, 3])])
+
+
+def corrected(x, model=None, **options):
+    """(CorrectBias's result, the images it corrected on) for ``model`` (default ``wide_net``)."""
+    converter = Converter(x, mode="max", target_T=T, bias_correction=True, potential_correction=True,
+                          progress=False)
+    passes = converter.passes()
+    k = next(i for i, p in enumerate(passes) if isinstance(p, CorrectBias))
+    before = PassManager(passes[:k], check=True)(model or wide_net(), ConversionRecord(converter.config))
+    pass_ = CorrectBias(x, converter.config, **options)
+    used, inputs = [], pass_._inputs
+
+    def spy(*args):
+        feeds = inputs(*args)
+        used.append(len(feeds["x"]))
+        return feeds
+
+    pass_._inputs = spy
+    return pass_, pass_(before.model, before.record), before, used[0]
+
+
+def test_sample_count_is_bounded_by_bytes_not_images(caplog):
+    """The pass corrects on as many images as its arrays fit in ``memory`` bytes (never fewer
+    than MIN_SAMPLES): the recordings over T steps and the layers' own arrays per image, the
+    rescaled ANN's outputs within TARGET_BYTES."""
+    x = data(200, seed=3).repeat(2, axis=2).repeat(2, axis=3)
+    pass_, _, before, _ = corrected(x)
+    _, per_image, target_bytes = pass_.plan(before.model, before.record)
+    sizes = [correct_bias._state_bytes(s.state) for s in before.record.sites]
+    assert sizes == [16 * 16 * 16 * 4, 4 * 14 * 14 * 4, 16 * 14 * 14 * 4] and target_bytes == sum(sizes)
+    # the first layer dominates: its recording in bits, its float64 arrays, its state in and out, the images
+    assert per_image == T * sizes[0] // 32 + (6 + 2) * sizes[0] + 2 * 16 * 16 * 4
+    caplog.set_level(logging.INFO, logger=correct_bias.log.name)
+    for images, expected in [(40, 40), (3, correct_bias.MIN_SAMPLES), (10**6, 200)]:
+        memory = correct_bias.TARGET_BYTES + images * per_image
+        *_, used = corrected(x, memory=memory)
+        assert used == expected
+    assert f"bias correction on {correct_bias.MIN_SAMPLES} calibration images" in caplog.text
+
+
+def test_targets_in_groups_and_steps_give_the_same_corrections(monkeypatch, caplog):
+    """The rescaled ANN's outputs computed a few layers and a few images per run: the same
+    shifts and initial potentials, bit for bit, as in one run."""
+    x = data(64, seed=4).repeat(2, axis=2).repeat(2, axis=3)
+    caplog.set_level(logging.INFO, logger=correct_bias.log.name)
+    _, whole, _, _ = corrected(x)
+    assert "runs over the" not in caplog.text
+    monkeypatch.setattr(correct_bias, "TARGET_BYTES", 64 * 17 * 1024)  # about one layer per group
+    monkeypatch.setattr(correct_bias, "RUN_BYTES", 5 * 25 * 1024)  # about 5 images per run
+    _, parts, _, _ = corrected(x)
+    assert "in 2 runs over the 64 images" in caplog.text
+    assert parts.model.SerializeToString() == whole.model.SerializeToString()
+    for a, b in zip(parts.record.states, whole.record.states):
+        np.testing.assert_array_equal(a.init, b.init)
+
+
+def test_recording_keeps_spike_trains_in_bits_and_returns_them_bit_for_bit():
+    rng = np.random.default_rng(1)
+    lam = rng.random((1, 5, 1, 1)).astype(np.float32)
+    steps = [np.where(rng.random((3, 5, 4, 4)) < 0.3, lam, np.float32(0)).astype(np.float32) for _ in range(T)]
+    steps[0][:, 2] = 0  # a channel that fires only later
+    rec = correct_bias.Recording()
+    for s in steps:
+        rec.append(s)
+    assert rec.packed is not None and rec.nbytes < sum(s.nbytes for s in steps) / 16 and len(rec) == T
+    for t, s in enumerate(steps):
+        assert rec[t].dtype == np.float32 and np.array_equal(rec[t].view(np.uint32), s.view(np.uint32))
+    # anything else is kept as it is: a third level, a -0, a negative level
+    for change in [lambda s: s.__setitem__((0, 1, 0, 0), 0.25), lambda s: s.__setitem__((0, 0, 0, 0), -0.0),
+                   lambda s: s.__setitem__((slice(None), 3), -1.0)]:
+        odd = [s.copy() for s in steps]
+        change(odd[2])
+        rec = correct_bias.Recording()
+        for s in odd:
+            rec.append(s)
+        assert rec.packed is None
+        for t, s in enumerate(odd):
+            assert np.array_equal(rec[t].view(np.uint32), s.view(np.uint32))
+
+
+def test_shifts_give_the_graph_graphsurgeon_would_export():
+    """``_add_shift`` edits the model in place; the result is node for node (order included) what
+    a graphsurgeon import, an appended Add and an export gave, for shifts added in any order."""
+    from onnx_snn.graph import channel_shape, export_model, import_graph
+
+    def reference(model, site, shift):
+        graph = import_graph(model)
+        scale_in = next(n for n in graph.nodes if n.name == site.scale_in)
+        z = scale_in.inputs[0]
+        base = f"snn.{site.node}"
+        shifted = gs.Variable(f"{base}.shifted", dtype=z.dtype, shape=z.shape)
+        value = np.asarray(channel_shape(shift, len(z.shape)), np.float32)
+        graph.nodes.append(gs.Node("Add", f"{base}.bias_shift", inputs=[z, gs.Constant(f"{base}.bias_shift_value",
+                                                                                      value)], outputs=[shifted]))
+        scale_in.inputs[0] = shifted
+        return export_model(graph, model)
+
+    x = data(32).repeat(2, axis=2).repeat(2, axis=3)
+    _, _, before, _ = corrected(x)
+    rng = np.random.default_rng(0)
+    for order in ([0, 1, 2], [2, 0, 1]):
+        expected, model = before.model, correct_bias._copy(before.model)
+        sites = copy.deepcopy(before.record.sites)
+        for k in order:
+            shift = rng.standard_normal(sites[k].state.shape[1])
+            expected = reference(expected, sites[k], shift)
+            correct_bias._add_shift(model, sites[k], shift)
+            assert sites[k].shift == f"snn.{sites[k].node}.bias_shift"
+            assert [n.SerializeToString() for n in model.graph.node] == \
+                [n.SerializeToString() for n in expected.graph.node]
+        assert export_model(import_graph(model), model).SerializeToString() == expected.SerializeToString()

@@ -46,7 +46,9 @@ def cmd_convert(args: argparse.Namespace) -> int:
     save(snn, out)
     if not args.quiet:
         print(format_table(converter.report))
-        print(f"\nwrote {out} ({len(converter.report)} neuron layers; {converter.config.describe()})")
+        if converter.selection is not None:
+            print("\n" + "\n".join(converter.selection.lines()))
+        print(f"\nwrote {out} ({len(converter.report)} neuron layers; {converter.describe()})")
     return 0
 
 

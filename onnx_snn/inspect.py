@@ -25,6 +25,7 @@ from .passes.base import PassManager
 from .passes.canonicalize import Canonicalize
 from .passes.fold_batchnorm import FoldBatchNorm
 from .passes.output_softmax import DropOutputSoftmax
+from .passes.quantized_relu import QuantizedReLU
 from .support import NEURON_OPS, activation_tensors, check_node
 from .tables import lambda_text, table
 
@@ -35,8 +36,9 @@ def is_step_model(model: onnx.ModelProto) -> bool:
 
 def inspect_ann(model: onnx.ModelProto) -> dict:
     """{ops, neurons, batchnorms, unsupported} for an ANN, after the converter's canonicalization."""
-    # the converter's own first passes: a Softmax at an output is dropped, not refused
-    canonical = PassManager([Canonicalize(), DropOutputSoftmax()], check=False)(model).model
+    # the converter's own first passes: a Softmax at an output is dropped, not refused, and a
+    # trained QCFS activation becomes a neuron site
+    canonical = PassManager([Canonicalize(), QuantizedReLU(), DropOutputSoftmax()], check=False)(model).model
     graph = import_graph(canonical)
     graph.toposort()
     carrying = activation_tensors(graph)

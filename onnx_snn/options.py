@@ -59,6 +59,12 @@ class ConvertOptions:
     potential_correction: bool = field(default=False, metadata=_cli(
         "--potential-correction", "then set per-neuron initial potentials for --target-T steps (Li et al. 2021)",
         "toggle"))
+    threshold_tuning: bool = field(default=False, metadata=_cli(
+        "--tune-thresholds", "then tune each layer's threshold against the network's output after --target-T "
+        "steps, on calibration data, without labels (passes.tune_thresholds)", "toggle"))
+    select_recipe: bool = field(default=True, metadata=_cli(
+        "--no-select-recipe", "with the --target-T preset, use its first recipe instead of choosing among the "
+        "candidates on held-out calibration data", "off"))
     output_decoding: str = field(default="analog", metadata=_cli(
         "--output-decoding", "sum the last layer's outputs (analog, default) or make them neurons (spikes)",
         "choice", choices=OUTPUT_DECODINGS))
@@ -79,7 +85,7 @@ class ConvertOptions:
     @classmethod
     def resolve(cls, mode: Any = None, *, per_channel: bool | None = None, v_init: float | str | None = None,
                 bias_correction: bool | None = None, potential_correction: bool | None = None,
-                target_T: int | None = None, **others) -> "ConvertOptions":
+                threshold_tuning: bool | None = None, target_T: int | None = None, **others) -> "ConvertOptions":
         """The options from what a caller gave (``None`` = not given): with ``target_T`` and no
         ``mode``, the preset fills what the caller left out (``onnx_snn.presets``)."""
         if target_T is not None and (isinstance(target_T, bool) or not isinstance(target_T, int) or target_T <= 0):
@@ -89,10 +95,8 @@ class ConvertOptions:
             raise OptionError(f"unknown converter option(s) {unknown}")
         chosen, preset = presets.resolve(target_T, dict(
             mode=mode, per_channel=per_channel, v_init=v_init, bias_correction=bias_correction,
-            potential_correction=potential_correction))
-        return cls(mode=parse_mode(chosen["mode"]), per_channel=chosen["per_channel"],
-                   v_init=_v_init(chosen["v_init"]), bias_correction=chosen["bias_correction"],
-                   potential_correction=chosen["potential_correction"], target_T=target_T, preset=preset, **others)
+            potential_correction=potential_correction, threshold_tuning=threshold_tuning))
+        return cls(**recipe_fields(chosen), target_T=target_T, preset=preset, **others)
 
     @classmethod
     def of(cls, options: "ConvertOptions | Any" = None, **given) -> "ConvertOptions":
@@ -105,9 +109,10 @@ class ConvertOptions:
     def _check(self) -> None:
         if not isinstance(self.mode, Mode):
             raise OptionError(f"mode={self.mode!r}; give a Mode (ConvertOptions.resolve parses strings)")
-        if (self.mode.kind == "search" or self.bias_correction or self.potential_correction) and self.target_T is None:
-            raise OptionError('mode="search" and the bias and potential corrections work for a number of '
-                              'timesteps: give target_T')
+        if (self.mode.kind == "search" or self.bias_correction or self.potential_correction
+                or self.threshold_tuning) and self.target_T is None:
+            raise OptionError('mode="search", the bias and potential corrections and threshold tuning work for a '
+                              'number of timesteps: give target_T')
         for name, allowed in (("maxpool", MAXPOOL_STRATEGIES), ("reset_mode", RESET_MODES),
                               ("exporter", EXPORTERS), ("output_decoding", OUTPUT_DECODINGS)):
             if getattr(self, name) not in allowed:
@@ -120,7 +125,8 @@ class ConvertOptions:
             value = getattr(self, name)
             if isinstance(value, (bool, str)) or not isinstance(value, numbers.Real) or not math.isfinite(value):
                 raise OptionError("v_init and v_reset must be finite numbers")
-        for name in ("fold_scales", "fuse_flag", "per_channel", "bias_correction", "potential_correction"):
+        for name in ("fold_scales", "fuse_flag", "per_channel", "bias_correction", "potential_correction",
+                     "threshold_tuning", "select_recipe"):
             if not isinstance(getattr(self, name), bool):
                 raise OptionError(f"{name}={getattr(self, name)!r} must be True or False")
 
@@ -130,14 +136,22 @@ class ConvertOptions:
                 "maxpool": self.maxpool, "reset_mode": self.reset_mode, "v_reset": self.v_reset,
                 "v_init": self.v_init, "target_T": self.target_T, "bias_correction": self.bias_correction,
                 "potential_correction": self.potential_correction, "output_decoding": self.output_decoding,
-                "fold_scales": self.fold_scales, "preset": self.preset}
+                "fold_scales": self.fold_scales, "preset": self.preset,
+                # written only when on, so that step models converted without it read as before
+                **({"threshold_tuning": True} if self.threshold_tuning else {})}
 
     def describe(self) -> str:
         """One line for people: the recipe, e.g. ``preset for T=8: mode search, per_channel, v_init 0.5``."""
         text = f"preset for T={self.target_T}: " if self.preset else ""
         text += f"mode {self.mode}" + "".join(
-            f", {name}" for name in ("per_channel", "bias_correction", "potential_correction") if getattr(self, name))
+            f", {name}" for name in ("per_channel", "bias_correction", "potential_correction", "threshold_tuning")
+            if getattr(self, name))
         return text + (f", v_init {self.v_init:g}" if self.v_init else "")
+
+
+def recipe_fields(recipe: dict) -> dict:
+    """A preset recipe (``presets.RECIPE`` keys, as a caller writes them) as option fields."""
+    return dict(recipe, mode=parse_mode(recipe["mode"]), v_init=_v_init(recipe["v_init"]))
 
 
 def _v_init(value: Any) -> float:

@@ -21,6 +21,7 @@ class NeuronSite:
     ``Calibrate`` fills the first block; ``InsertNeurons`` names the nodes that implement the
     neuron and its state; ``CorrectBias`` adds its shift; ``FoldScales`` clears a scale node's
     name once the scale lives in the weights.
+    ``QuantizedReLUScales`` gives a trained QCFS site its λ, levels and initial potential from the graph.
     """
     node: str                      # the ReLU/Clip of the source (its name is the layer's name)
     op: str
@@ -36,6 +37,9 @@ class NeuronSite:
     shift: str | None = None       # bias correction's Add before scale_in
     bias_shift: float | list[float] | None = None
     state: State | None = None     # the membrane state pair (None in the analog model)
+    threshold_factor: float | None = None  # TuneThresholds' factor on λ (lam is the tuned value)
+    levels: int | None = None      # L of a trained QCFS site (its λ is the graph's, not calibrated)
+    v_init: float | None = None    # the site's own initial potential in thresholds (None: the option's)
 
     def to_json(self) -> dict:
         """The layer's entry in the step model's calibration record (metadata layout v1)."""
@@ -43,7 +47,22 @@ class NeuronSite:
                  "share_above": self.share_above, "dead_channels": self.dead_channels}
         if self.bias_shift is not None:
             entry["bias_shift"] = self.bias_shift
+        if self.threshold_factor is not None:
+            entry["threshold_factor"] = self.threshold_factor
+        if self.levels is not None:
+            entry["trained_levels"] = self.levels
         return entry
+
+
+@dataclass
+class TrainedSite:
+    """A quantization-clip-floor-shift activation (QCFS, Bu et al. 2022) that ``QuantizedReLU``
+    rewrote as ``Clip(x, 0, λ)``: y = λ/L · clip(floor(x·L/λ + v_init), 0, L)."""
+    node: str                      # the Clip that replaced the chain (a neuron site from then on)
+    lam: float                     # λ from the graph: the output's scale times L
+    levels: int                    # L
+    v_init: float                  # the shift before the Floor, in [0, 1): the neuron's initial potential
+    nodes: list[str] = field(default_factory=list)  # the source nodes of the chain, in order
 
 
 @dataclass
@@ -75,11 +94,13 @@ class ConversionRecord:
     dropped_softmax: list[str] = field(default_factory=list)
     batchnorms: list[BatchNormFold] = field(default_factory=list)
     swapped_maxpools: list[str] = field(default_factory=list)  # MaxPools moved before their neuron
+    trained: list[TrainedSite] = field(default_factory=list)  # QCFS activations found in the graph
     calibration: Calibration | None = None
     sites: list[NeuronSite] = field(default_factory=list)     # in topological order
     states: list[State] = field(default_factory=list)         # every state pair, in graph-input order
     running_max: list[RunningMaxPool] = field(default_factory=list)
     folded_scales: list[str] = field(default_factory=list)
+    tuning: Any = None             # TuneThresholds' summary (passes.tune_thresholds.Tuning)
 
     def count(self, kind: str) -> int:
         """States of ``kind`` so far (names the next one: snn.v{k}, snn.m{k})."""

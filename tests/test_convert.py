@@ -92,8 +92,10 @@ def test_rescaled_ann_clips_at_lambda_like_numpy(bundled):
     converter = onnx_snn.Converter(xc, mode="99%", progress=False, maxpool="plain")
     analog = converter(SAMPLE_ONNX, neuron="analog")
     # numpy restatement of the folded network with the recorded λ
-    folded = converter.passes()[:4]
     from onnx_snn.passes.base import PassManager
+    from onnx_snn.passes.maxpool import PlaceMaxPool
+    passes = converter.passes()
+    folded = passes[:next(i for i, p in enumerate(passes) if isinstance(p, PlaceMaxPool))]  # up to FoldBatchNorm
     ann = PassManager(folded)(onnx.load(SAMPLE_ONNX)).model
     weights = {t.name: onnx.numpy_helper.to_array(t) for t in ann.graph.initializer}
     convs = [n for n in ann.graph.node if n.op_type == "Conv"]

@@ -11,6 +11,7 @@ EXAMPLES = {
     "plot_figures.py": ["IF neuron: firing rate within", "wrote"],
     "export_triton.py": ["wrote", 'backend: "onnxruntime"'],
     "serve_and_call.py": ["whole inference over HTTP", "streaming over gRPC: after step 32"],
+    "qcfs_finetune.py": ["quantized ANN", "SNN at T ="],
 }
 
 

@@ -185,9 +185,9 @@ def test_cli_target_T_alone_converts_with_the_preset_and_run_defaults_to_it(bund
     assert main(["convert", str(__import__("conftest").SAMPLE_ONNX), "--calib", str(tmp_path / "c.npz"),
                  "--target-T", "4", "-o", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert "preset for T=4: mode search" in printed and "bias_correction" in printed
+    assert "recipe chosen on 40 held-out samples at T=4 by agreement" in printed and "preset for T=4: mode" in printed
     options = onnx_snn.spec(onnx_snn.load(out)).converter
-    assert options["preset"] and options["target_T"] == 4 and options["potential_correction"]
+    assert options["preset"] and options["target_T"] == 4 and options["selection"]["held_out"] == 40
     assert main(["run", str(out), "--data", str(tmp_path / "d.npz"), "-q"]) == 0
     printed = capsys.readouterr().out
     assert "t=    4" in printed and "t=    8" not in printed

@@ -16,7 +16,8 @@ instead: the rate-coded function the SNN approximates, with no state, for checki
 Guarantees: no ReLU/Clip site remains; each ``NeuronSite`` names its ``scale_in``, ``neuron``
 and ``scale_out`` nodes and (for IF neurons) its membrane ``State``; every state pair is in
 ``ConversionRecord.states``, in graph-input order, with its shape (None for the batch axis),
-dtype and initial value, and is a graph input and output.
+dtype and initial value (the ``v_init`` option, or the site's own ``v_init``: a trained QCFS
+site starts at its shift, ``passes.quantized_relu``), and is a graph input and output.
 """
 from __future__ import annotations
 
@@ -125,8 +126,8 @@ class InsertNeurons(Pass):
             attrs = if_neuron.attributes(1.0, self.options.reset_mode, self.options.v_reset)
             neuron = gs.Node(if_neuron.OP_TYPE, f"{base}.if", attrs=attrs, inputs=[current, v_in],
                              outputs=[fired, v_out], domain=if_neuron.DOMAIN)
-            site.state = State(v_in.name, v_out.name, shape, str(dtype), MEMBRANE, node.name,
-                               float(self.options.v_init), 1.0)
+            v_init = self.options.v_init if site.v_init is None else site.v_init  # a trained site's own
+            site.state = State(v_in.name, v_out.name, shape, str(dtype), MEMBRANE, node.name, float(v_init), 1.0)
             record.states.append(site.state)
         node.outputs.clear()
         node.inputs.clear()

@@ -11,9 +11,11 @@ entry; the IR version is the smallest the opsets allow (onnxruntime 1.31 reads <
 """
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import onnx
-from onnx_snn_runtime.format import StepModelSpec, metadata
+from onnx_snn_runtime.format import KEY_CONVERTER, StepModelSpec, metadata
 
 from ..errors import ModelWeightsError, PassError
 from ..graph import ir_version_for
@@ -66,6 +68,16 @@ class WriteStepModel(Pass):
             raise ContractError("the states written differ from the record's")
         if model.ir_version != ir_version_for(model):
             raise ContractError(f"IR version {model.ir_version}, not the smallest the opsets allow")
+
+
+def with_selection(model: onnx.ModelProto, selection: dict) -> onnx.ModelProto:
+    """``model`` with the preset's recipe selection (``onnx_snn.selection``) recorded in its
+    converter options, under ``selection``."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    prop = next(p for p in out.metadata_props if p.key == KEY_CONVERTER)
+    prop.value = json.dumps({**json.loads(prop.value), "selection": selection})
+    return out
 
 
 def _version() -> str:

@@ -22,7 +22,8 @@ ROOT = HERE.parents[1]
 # name -> (source model, converter options); calibration: the bundled slice's first 256 images
 CASES = {
     "sample_cnn_999": ("sample_cnn.onnx", {"mode": "99.9%"}),
-    "sample_cnn_preset_T8": ("sample_cnn.onnx", {"target_T": 8}),
+    # the preset's first recipe (no selection among its candidates: that would pin the choice too)
+    "sample_cnn_preset_T8": ("sample_cnn.onnx", {"target_T": 8, "select_recipe": False}),
     "maxpool_cnn_running_max": ("maxpool_cnn.onnx", {"mode": "99.9%", "maxpool": "running_max"}),
     "maxpool_cnn_before_neuron": ("maxpool_cnn.onnx", {"mode": "99.9%", "maxpool": "before_neuron"}),
     "maxpool_cnn_plain": ("maxpool_cnn.onnx", {"mode": "99.9%", "maxpool": "plain"}),

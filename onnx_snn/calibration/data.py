@@ -22,7 +22,7 @@ from onnx_snn_runtime.datasets import fashion_mnist, is_fashion_mnist, read_npz,
 
 from ..errors import DataError
 
-__all__ = ["InputSpec", "iterate_batches", "first_input", "load_npz", "to_numpy", "calibration_source",
+__all__ = ["InputSpec", "iterate_batches", "take_samples", "first_input", "load_npz", "to_numpy", "calibration_source",
            "FASHION_MNIST_IMAGES"]
 
 log = logging.getLogger(__name__)
@@ -126,6 +126,23 @@ def iterate_batches(data: Any, inputs: list[InputSpec], batch_size: int = 256) -
             raise DataError("calibration data is empty; give at least one sample")
 
     return generate(), count
+
+
+def take_samples(data, model: onnx.ModelProto, states, samples: int, batch_size: int) -> dict[str, np.ndarray]:
+    """The first ``samples`` calibration samples (fewer if the data has fewer) as one feed dict
+    for ``model``'s data inputs (not its initializers or state inputs)."""
+    skip = {t.name for t in model.graph.initializer} | {s.input for s in states}
+    specs = [InputSpec.of(i) for i in model.graph.input if i.name not in skip]
+    batches, _ = iterate_batches(data, specs, batch_size)
+    taken: dict[str, list] = {s.name: [] for s in specs}
+    count = 0
+    for feeds in batches:
+        for k, v in feeds.items():
+            taken[k].append(v)
+        count += len(next(iter(feeds.values())))
+        if count >= samples:
+            break
+    return {k: np.concatenate(v)[:samples] for k, v in taken.items()}
 
 
 def first_input(data: Any) -> np.ndarray:

@@ -56,7 +56,7 @@ import onnx_graphsurgeon as gs
 from onnx import helper, numpy_helper
 from onnx_snn_runtime.format import MEMBRANE, State
 
-from ..calibration.data import InputSpec, iterate_batches
+from ..calibration.data import InputSpec, take_samples
 from ..calibration.probe import dense_session
 from ..errors import OnnxSnnError, OptionError
 from ..graph import channel_shape, export_model, import_graph
@@ -265,17 +265,7 @@ class CorrectBias(Pass):
         return [InputSpec.of(i) for i in model.graph.input if i.name not in skip]
 
     def _inputs(self, model: onnx.ModelProto, states: list[State], samples: int) -> dict[str, np.ndarray]:
-        specs = self._specs(model, states)
-        batches, _ = iterate_batches(self.data, specs, self.batch_size)
-        taken: dict[str, list] = {s.name: [] for s in specs}
-        count = 0
-        for feeds in batches:
-            for k, v in feeds.items():
-                taken[k].append(v)
-            count += len(next(iter(feeds.values())))
-            if count >= samples:
-                break
-        return {k: np.concatenate(v)[:samples] for k, v in taken.items()}
+        return take_samples(self.data, model, states, samples, self.batch_size)
 
     def plan(self, model: onnx.ModelProto, record: ConversionRecord) -> tuple[dict[str, int], int, int]:
         """(the index of the last layer that reads each recorded output, the peak bytes held per

@@ -45,7 +45,7 @@ from onnx import numpy_helper
 from onnx_snn_runtime.format import MEMBRANE
 from tqdm.auto import tqdm
 
-from ..calibration.data import InputSpec, iterate_batches
+from ..calibration.data import take_samples
 from ..errors import OptionError
 from ..graph import export_model, import_graph
 from ..model_util import cpu_session
@@ -84,23 +84,6 @@ class Tuning:
     error_after: float
     samples: int
     simulations: int
-
-
-def take_samples(data, model: onnx.ModelProto, states, samples: int, batch_size: int) -> dict[str, np.ndarray]:
-    """The first ``samples`` calibration samples (fewer if the data has fewer) as one feed dict
-    for ``model``'s data inputs (not its initializers or state inputs)."""
-    skip = {t.name for t in model.graph.initializer} | {s.input for s in states}
-    specs = [InputSpec.of(i) for i in model.graph.input if i.name not in skip]
-    batches, _ = iterate_batches(data, specs, batch_size)
-    taken: dict[str, list] = {s.name: [] for s in specs}
-    count = 0
-    for feeds in batches:
-        for k, v in feeds.items():
-            taken[k].append(v)
-        count += len(next(iter(feeds.values())))
-        if count >= samples:
-            break
-    return {k: np.concatenate(v)[:samples] for k, v in taken.items()}
 
 
 def scale_inputs(model: onnx.ModelProto, sites: list[NeuronSite]) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:

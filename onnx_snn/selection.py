@@ -185,9 +185,7 @@ def select(convert, source: onnx.ModelProto, options, data: Any, given: dict):
                     "out: no recipe selection; using the preset's first recipe (%s)", 5 * MIN_HELD_OUT,
                     presets.CANDIDATES[0][0])
         return (*convert(first, data), None)
-    ann = cpu_session(source)
-    output = ann.get_outputs()[0].name
-    reference = ann.run([output], held.feeds)[0].astype(np.float64)
+    reference = _ann_outputs(source, held.feeds, options.batch_size)
     expected = held.labels if held.labels is not None else _predictions(reference)
     metric = "accuracy" if held.labels is not None else "agreement"
     selection = Selection(metric, len(expected), options.target_T)
@@ -247,6 +245,16 @@ def selection_failed(selection: Selection) -> OnnxSnnError:
     reasons = "; ".join(f"{t.label}: {t.failure or t.skipped}" for t in selection.trials)
     return OnnxSnnError(f"every candidate recipe of the preset failed ({reasons}); give a mode to convert with "
                         "one recipe and see its error alone")
+
+
+def _ann_outputs(source: onnx.ModelProto, feeds: dict[str, np.ndarray], batch_size: int) -> np.ndarray:
+    """The ANN's first output on the held-out samples, a calibration batch at a time (all at
+    once, an ImageNet-size network's activations for 512 images would not fit in memory)."""
+    ann = cpu_session(source)
+    output = ann.get_outputs()[0].name
+    n = len(next(iter(feeds.values())))
+    return np.concatenate([ann.run([output], {k: v[i:i + batch_size] for k, v in feeds.items()})[0]
+                           for i in range(0, n, batch_size)]).astype(np.float64)
 
 
 def _predictions(outputs: np.ndarray) -> np.ndarray:

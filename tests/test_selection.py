@@ -138,3 +138,9 @@ def test_tuning_is_skipped_when_its_estimated_time_exceeds_the_budget(monkeypatc
     recorded = onnx_snn.spec(snn).converter["selection"]["trials"]
     assert [("skipped" in t) for t in recorded] == [bool(t.options.get("threshold_tuning"))
                                                     for t in converter.selection.trials]
+
+
+def test_the_ann_reference_is_computed_a_calibration_batch_at_a_time():
+    x, model = data(50), net()
+    whole = cpu_session(model).run(None, {"x": x})[0]
+    np.testing.assert_array_equal(selection._ann_outputs(model, {"x": x}, 7), whole.astype(np.float64))

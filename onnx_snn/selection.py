@@ -28,7 +28,6 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import logging
-import os
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -38,7 +37,7 @@ import numpy as np
 import onnx
 from onnx_snn_runtime.data import to_numpy
 
-from .calibration.data import InputSpec, iterate_batches, load_npz
+from .calibration.data import InputSpec, iterate_batches, named_arrays
 from .errors import OnnxSnnError
 from .model_util import cpu_session
 
@@ -135,10 +134,7 @@ def split(data: Any, model: onnx.ModelProto, batch_size: int) -> HeldOut | None:
     be read more than once or is too small to hold samples out."""
     inits = {t.name for t in model.graph.initializer}
     specs = [InputSpec.of(i) for i in model.graph.input if i.name not in inits]
-    if isinstance(data, (str, os.PathLike)):
-        data = load_npz(data)
-    if isinstance(data, np.ndarray) or hasattr(data, "detach"):
-        data = {specs[0].name: to_numpy(data)}
+    data = named_arrays(data, specs)
     if isinstance(data, dict):
         arrays = {k: to_numpy(v) for k, v in data.items()}
         n = len(next(iter(arrays.values())))

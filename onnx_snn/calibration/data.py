@@ -90,14 +90,20 @@ def _feeds(item: Any, inputs: list[InputSpec]) -> dict[str, np.ndarray]:
     return {inputs[0].name: to_numpy(item)}
 
 
-def iterate_batches(data: Any, inputs: list[InputSpec], batch_size: int = 256) -> tuple[Iterator[dict], int | None]:
-    """(iterator over prepared feed dicts, number of batches if known)."""
-    if data is None:
-        raise DataError("no calibration data given; pass dataloader= (an array, .npz path or iterable of batches)")
+def named_arrays(data: Any, inputs: list[InputSpec]) -> Any:
+    """An .npz path, an array or a tensor as ``{first input: array}``; other data as it is."""
     if isinstance(data, (str, os.PathLike)):
         data = load_npz(data)
     if isinstance(data, np.ndarray) or hasattr(data, "detach"):
         data = {inputs[0].name: to_numpy(data)}
+    return data
+
+
+def iterate_batches(data: Any, inputs: list[InputSpec], batch_size: int = 256) -> tuple[Iterator[dict], int | None]:
+    """(iterator over prepared feed dicts, number of batches if known)."""
+    if data is None:
+        raise DataError("no calibration data given; pass dataloader= (an array, .npz path or iterable of batches)")
+    data = named_arrays(data, inputs)
     if isinstance(data, dict):
         arrays = {k: to_numpy(v) for k, v in data.items()}
         n = {len(v) if v.ndim else 0 for v in arrays.values()}

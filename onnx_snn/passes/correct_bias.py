@@ -213,23 +213,32 @@ def segment(model: onnx.ModelProto, states: list[State], output: str, boundary: 
     return Segment(export_model(graph, model), output, fed, kept)
 
 
-def analog_model(model: onnx.ModelProto, states: list[State]) -> onnx.ModelProto:
-    """The step model with every IF neuron replaced by Clip(0, 1): the rescaled ANN. Running-max
-    pools fed zero sums compute a plain MaxPool, so their states stay inputs (fed zeros)."""
+def replace_neurons(model: onnx.ModelProto, states: list[State], replace) -> onnx.ModelProto:
+    """The step model without its IF neurons: ``replace(graph, node, current, spikes)`` adds what
+    computes ``spikes`` from ``current`` instead of each; membrane states and every state output
+    go. Running-max pools fed zero sums compute a plain MaxPool, so their states stay inputs (fed
+    zeros)."""
     graph = import_graph(model)
     membrane = {s.input for s in states if s.kind == MEMBRANE}
     for node in [n for n in graph.nodes if n.op == if_neuron.OP_TYPE]:
         current, spikes = node.inputs[0], node.outputs[0]
         node.inputs.clear()
         node.outputs.clear()
-        graph.nodes.append(gs.Node("Clip", f"{node.name}.analog", inputs=[
-            current, gs.Constant(f"{node.name}.zero", np.array(0, np.float32)),
-            gs.Constant(f"{node.name}.one", np.array(1, np.float32))], outputs=[spikes]))
+        replace(graph, node, current, spikes)
     graph.inputs = [t for t in graph.inputs if t.name not in membrane]
     graph.outputs = [t for t in graph.outputs if t.name not in {s.output for s in states}]
     out = export_model(graph, model)
     del out.functions[:]
     return out
+
+
+def analog_model(model: onnx.ModelProto, states: list[State]) -> onnx.ModelProto:
+    """The step model with every IF neuron replaced by Clip(0, 1): the rescaled ANN."""
+    def clip(graph, node, current, spikes):
+        graph.nodes.append(gs.Node("Clip", f"{node.name}.analog", inputs=[
+            current, gs.Constant(f"{node.name}.zero", np.array(0, np.float32)),
+            gs.Constant(f"{node.name}.one", np.array(1, np.float32))], outputs=[spikes]))
+    return replace_neurons(model, states, clip)
 
 
 class CorrectBias(Pass):

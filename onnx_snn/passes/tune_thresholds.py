@@ -47,12 +47,11 @@ from tqdm.auto import tqdm
 
 from ..calibration.data import take_samples
 from ..errors import OptionError
-from ..graph import export_model, import_graph
 from ..model_util import cpu_session
 from ..options import ConvertOptions
 from ..record import ConversionRecord, NeuronSite
 from .base import ContractError, Pass, PassResult
-from .correct_bias import segment
+from .correct_bias import replace_neurons, segment
 
 log = logging.getLogger(__name__)
 
@@ -113,32 +112,31 @@ def scale_values(lam, factor: float, like: list[np.ndarray]) -> list[np.ndarray]
 
 def ann_model(model: onnx.ModelProto, record: ConversionRecord) -> onnx.ModelProto:
     """The source network from the step model: each IF neuron replaced by ReLU (and a ceiling
-    c/λ for a Clip(0, c) site), the bias shifts zeroed, the membrane states removed. Running-max
-    pools fed zero sums compute a plain MaxPool, so their states stay inputs (feed zeros)."""
-    graph = import_graph(model)
-    nodes = {n.name: n for n in graph.nodes}
-    for site in record.sites:
-        if site.shift is not None:
-            shift = nodes[site.shift].inputs[1]
-            nodes[site.shift].inputs[1] = gs.Constant(f"{shift.name}.zero", np.zeros_like(shift.values))
-        neuron = nodes[site.neuron]
-        current, spikes = neuron.inputs[0], neuron.outputs[0]
-        neuron.inputs.clear()
-        neuron.outputs.clear()
+    c/λ for a Clip(0, c) site), the bias shifts zeroed (``correct_bias.replace_neurons``)."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    shifts = {n.name: n.input[1] for n in out.graph.node if n.name in {s.shift for s in record.sites}}
+    missing = set(shifts.values()) - {t.name for t in out.graph.initializer}
+    if missing:
+        raise ContractError(f"bias shift values {sorted(missing)} are not initializers")
+    for t in out.graph.initializer:
+        if t.name in shifts.values():
+            t.CopyFrom(numpy_helper.from_array(np.zeros_like(numpy_helper.to_array(t)), t.name))
+    sites = {site.neuron: site for site in record.sites}
+    inv_lambdas = {n.name: n.input[1] for n in model.graph.node if n.name in {s.scale_in for s in record.sites}}
+    inits = {t.name: t for t in model.graph.initializer}
+
+    def relu(graph, node, current, spikes):
+        site = sites[node.name]
         if site.clip_max is None:
-            graph.nodes.append(gs.Node("Relu", f"{neuron.name}.ann", inputs=[current], outputs=[spikes]))
-            continue
-        inv_lambda = nodes[site.scale_in].inputs[1].values
-        rectified = gs.Variable(f"{neuron.name}.ann_relu", dtype=current.dtype, shape=current.shape)
-        ceiling = gs.Constant(f"{neuron.name}.ann_ceiling", np.asarray(site.clip_max * inv_lambda, inv_lambda.dtype))
-        graph.nodes += [gs.Node("Relu", f"{neuron.name}.ann", inputs=[current], outputs=[rectified]),
-                        gs.Node("Min", f"{neuron.name}.ann_clip", inputs=[rectified, ceiling], outputs=[spikes])]
-    membrane = {s.input for s in record.states if s.kind == MEMBRANE}
-    graph.inputs = [t for t in graph.inputs if t.name not in membrane]
-    graph.outputs = [t for t in graph.outputs if t.name not in {s.output for s in record.states}]
-    out = export_model(graph, model)
-    del out.functions[:]
-    return out
+            graph.nodes.append(gs.Node("Relu", f"{node.name}.ann", inputs=[current], outputs=[spikes]))
+            return
+        inv_lambda = numpy_helper.to_array(inits[inv_lambdas[site.scale_in]])
+        rectified = gs.Variable(f"{node.name}.ann_relu", dtype=current.dtype, shape=current.shape)
+        ceiling = gs.Constant(f"{node.name}.ann_ceiling", np.asarray(site.clip_max * inv_lambda, inv_lambda.dtype))
+        graph.nodes += [gs.Node("Relu", f"{node.name}.ann", inputs=[current], outputs=[rectified]),
+                        gs.Node("Min", f"{node.name}.ann_clip", inputs=[rectified, ceiling], outputs=[spikes])]
+    return replace_neurons(out, record.states, relu)
 
 
 def output_error(target: np.ndarray):

@@ -176,12 +176,24 @@ def run_model(model: str, args, ts: list[int]) -> None:
     if args.lean:
         jobs = [job for job in jobs if job[3] not in LEAN_SKIPS]
     jobs.sort(key=lambda job: job[:2])
+    refused = record.setdefault("refused", {})  # SpikingJelly recipes that cannot convert the model
     for _, _, side, label, T, job in jobs:
+        if label in refused:
+            continue
         row = record[side].setdefault(label, {})
         if all(str(t) in row for t in ([T] if T else ts)):
             continue
         start = time.perf_counter()
-        accuracy = job()
+        try:
+            accuracy = job()
+        except Exception as e:  # noqa: BLE001 - SpikingJelly's converter refusing a model is a result
+            if side != "spikingjelly":
+                raise
+            del record[side][label]
+            refused[label] = f"{type(e).__name__}: {str(e).splitlines()[0]}"
+            print(f"  {label:48s} refused: {refused[label]}", flush=True)
+            write_text(path, json.dumps(record, indent=1))
+            continue
         row.update({str(t): a for t, a in accuracy.items()})
         print(f"  {label:48s} " + " ".join(f"T={t}: {a:.4f}" for t, a in accuracy.items())
               + f"  ({time.perf_counter() - start:.0f} s)", flush=True)
@@ -222,6 +234,8 @@ def model_table(rec: dict) -> str:
         preset = rec["ours"][PRESET]
         lines.append("| preset − best other recipe, both sides (points) | " + " | ".join(
             f"{100 * (preset[str(T)] - best(rivals, T)):+.1f}" if str(T) in preset else "" for T in ts) + " |")
+    for label, reason in rec.get("refused", {}).items():
+        lines += ["", f"{label}: SpikingJelly 2.0 cannot convert this model ({reason})."]
     choices = rec.get("preset_choices", {})
     if choices:
         lines += ["", "The preset chose: " + "; ".join(f"T={T}: {choices[str(T)]}" for T in ts if str(T) in choices)

@@ -3,6 +3,7 @@ images each batch size is timed on, the stopwatch, and memory figures from /proc
 from __future__ import annotations
 
 import argparse
+import socket
 import time
 
 import numpy as np
@@ -38,3 +39,14 @@ def status_mb(field: str = "VmRSS", pid: int | str = "self") -> float:
     with open(f"/proc/{pid}/status") as f:
         line = next(line for line in f if line.startswith(field + ":"))
     return int(line.split()[1]) / 1024
+
+
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct TCP ports free on loopback now (for servers started by benchmarks and tests)."""
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from onnx_snn_runtime.cli import add_info_parser, add_serve_parser
+from onnx_snn_runtime.cli import add_info_parser, add_serve_parser, quiet_broken_pipe
 from onnx_snn_runtime.cli import add_parser as add_run_parser
 
 from . import __version__
@@ -18,7 +18,7 @@ from .calibration.mode import parse_mode
 from .converter import Converter
 from .errors import OnnxSnnError, OptionError
 from .io import save
-from .options import add_cli_arguments, from_cli
+from .options import add_cli_arguments, from_cli, v_init_argument
 from .passes.base import CHECK_ENV
 from .tables import lambda_text, table
 
@@ -62,7 +62,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
     if args.figure == "neuron":
         out = args.output or "if_neuron.png"
         T = args.T or 128
-        c = plots.plot_if_neuron(out, T=T, v_init=args.v_init)
+        c = plots.plot_if_neuron(out, T=T, v_init=v_init_argument(args.v_init))
         err = np.abs(c.rates - c.relu).max()
         print(f"wrote {out}: IF neuron against ReLU over T={T} (largest gap between rate and clipped "
               f"ReLU {err:.4f}, at most 1/T = {1 / T:.4f})")
@@ -81,8 +81,11 @@ def cmd_plot(args: argparse.Namespace) -> int:
         means = plots.plot_firing_rates(rates, out, f"{Path(args.model).name}, T={T}, {ev.samples} samples")
         print("\n".join(f"  {layer:12s} {rate:.4f} spikes/neuron/step" for layer, rate in means.items()))
     else:
-        plot_accuracy({"SNN": ev.accuracy}, out, f"{Path(args.model).name} (T={T})")
-        print(f"accuracy at t={T}: {ev.accuracy[-1]:.4f}")
+        from onnx_snn_runtime.cli import ann_accuracy
+        reference = ann_accuracy(args.ann, args.data, args.limit) if args.ann else None
+        plot_accuracy({"SNN": ev.accuracy}, out, f"{Path(args.model).name} (T={T})", reference)
+        print(f"accuracy at t={T}: {ev.accuracy[-1]:.4f}"
+              + (f" (ANN: {reference:.4f} on the same {ev.samples} samples)" if reference is not None else ""))
     print(f"wrote {out}")
     return 0
 
@@ -169,12 +172,20 @@ def build_parser() -> argparse.ArgumentParser:
     add_serve_parser(sub)
     add_info_parser(sub)
     p = sub.add_parser("plot", help="figures: an IF neuron against ReLU, a model's per-layer firing rates, "
-                       "or its accuracy against t")
-    p.add_argument("figure", choices=("neuron", "firing", "accuracy"))
+                       "or its accuracy against t", formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="figures:\n"
+                       "  neuron    spike trains of one IF neuron for eight constant inputs, and its firing rate\n"
+                       "            against the input beside the clipped ReLU (no model needed)\n"
+                       "  firing    a step model's mean firing rate per layer, overall and at each t\n"
+                       "  accuracy  a step model's accuracy against t (with --ann, the ANN's as a reference line)")
+    p.add_argument("figure", choices=("neuron", "firing", "accuracy"), help="neuron, firing or accuracy (see above)")
     p.add_argument("model", nargs="?", help="step model (for firing and accuracy)")
     p.add_argument("-o", "--output", help="PNG to write (default: if_neuron.png, firing_rates.png, accuracy.png)")
     p.add_argument("--T", type=int, default=None, help="timesteps (default: 128 for neuron; the model's target T, else 50)")
-    p.add_argument("--v-init", type=float, default=0.0, help="neuron: initial potential in thresholds (default 0)")
+    p.add_argument("--v-init", type=str, default="0", help="neuron: initial potential in thresholds, a number or "
+                   "'half' (default 0)")
+    p.add_argument("--ann", default=None, help="accuracy: the ANN (.onnx) the model was converted from, evaluated "
+                   "on the same samples and drawn as a reference line")
     p.add_argument("--data", default="fashion-mnist", help="dataset, as for `run` (default fashion-mnist)")
     p.add_argument("--limit", type=int, default=1000, help="samples (default 1000)")
     p.add_argument("--batch-size", type=int, default=256)
@@ -188,7 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("export-triton", help="write a Triton model repository entry (onnxruntime backend, "
                        "sequence batcher with implicit state) for a step model")
     e.add_argument("model", help="step model (.snn.onnx)")
-    e.add_argument("--repo", required=True, help="model repository folder (must exist)")
+    e.add_argument("--repo", required=True, help="model repository folder (created if missing)")
     e.add_argument("--name", default="snn", help="model name, the folder written in the repository (default snn)")
     e.add_argument("--max-batch-size", type=int, default=16, help="sequences batched together (default 16)")
     e.add_argument("--max-idle-seconds", type=float, default=60.0,
@@ -221,6 +232,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("onnx-snn: interrupted; nothing was written", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        return quiet_broken_pipe()
 
 
 if __name__ == "__main__":

@@ -112,7 +112,7 @@ class ConvertOptions:
         if (self.mode.kind == "search" or self.bias_correction or self.potential_correction
                 or self.threshold_tuning) and self.target_T is None:
             raise OptionError('mode="search", the bias and potential corrections and threshold tuning work for a '
-                              'number of timesteps: give target_T')
+                              'number of timesteps: give target_T (--target-T on the command line)')
         for name, allowed in (("maxpool", MAXPOOL_STRATEGIES), ("reset_mode", RESET_MODES),
                               ("exporter", EXPORTERS), ("output_decoding", OUTPUT_DECODINGS)):
             if getattr(self, name) not in allowed:
@@ -154,6 +154,16 @@ def recipe_fields(recipe: dict) -> dict:
     return dict(recipe, mode=parse_mode(recipe["mode"]), v_init=_v_init(recipe["v_init"]))
 
 
+def v_init_argument(text: str) -> float:
+    """``--v-init`` as the command line takes it, wherever it appears: a number or 'half'."""
+    if text == "half":
+        return 0.5
+    try:
+        return float(text)
+    except ValueError:
+        raise OptionError(f"--v-init {text!r}: give a number (in thresholds) or 'half'") from None
+
+
 def _v_init(value: Any) -> float:
     if value == "half":
         return 0.5
@@ -189,8 +199,5 @@ def from_cli(args: argparse.Namespace) -> dict:
     """The ``Converter`` keyword arguments the user gave on the command line (the rest unset)."""
     given = {f.name: getattr(args, f.name) for f in cli_fields() if getattr(args, f.name, None) is not None}
     if "v_init" in given and given["v_init"] != "half":
-        try:
-            given["v_init"] = float(given["v_init"])
-        except ValueError:
-            raise OptionError(f"--v-init {given['v_init']!r}: give a number (in thresholds) or 'half'") from None
+        given["v_init"] = v_init_argument(given["v_init"])
     return given

@@ -173,8 +173,9 @@ def export_triton(step_model, repo: str | os.PathLike, *, name: str = "snn", max
     step, _ = load(step_model)
     model, states, spec = triton_model(step)
     repo = Path(repo)
-    if not repo.is_dir():
-        raise OnnxSnnError(f"model repository {repo} does not exist; create the folder first")
+    if repo.exists() and not repo.is_dir():
+        raise OnnxSnnError(f"model repository {repo} is a file, not a folder; give a folder (created if missing)")
+    repo.mkdir(parents=True, exist_ok=True)
     target = repo / name
     if target.exists() and not force:
         raise OnnxSnnError(f"{target} already exists; remove it or pass --force")

@@ -43,6 +43,7 @@ def test_convert_fashion_mnist_keyword_and_per_channel(tmp_path, capsys):
     (["--mode", "150%"], "percentile must be in (0, 100]"),
     (["--mode", "2"], "fraction of the max"),
     (["--bins", "1000"], "power of two"),
+    (["--mode", "search"], "give target_T (--target-T on the command line)"),
 ])
 def test_bad_options_exit_2_with_a_message(args, message, calib_npz, tmp_path, capsys):
     out = tmp_path / "never.onnx"
@@ -88,3 +89,50 @@ def test_run_takes_execution_and_kernels(sample_snn, capsys):
     args = ["run", str(sample_snn), "--T", "3", "--limit", "20", "-q", "--execution", "chunk", "--kernels", "onnx"]
     assert main(args) == 0
     assert "chunk execution, onnx kernels" in capsys.readouterr().out
+
+
+def test_run_and_plot_accuracy_show_the_anns_accuracy_on_the_same_samples(sample_snn, bundled, tmp_path, capsys):
+    import onnxruntime as ort
+    x, y = bundled[2][:40], bundled[3][:40]
+    npz = tmp_path / "test.npz"
+    np.savez(npz, x=x, y=y)
+    ann = ort.InferenceSession(str(SAMPLE_ONNX), providers=["CPUExecutionProvider"])
+    expected = float(np.mean(ann.run(None, {"input": x})[0].argmax(1) == y))
+    assert main(["run", str(sample_snn), "--data", str(npz), "--T", "3", "-q", "--ann", str(SAMPLE_ONNX)]) == 0
+    assert f"accuracy on 40 samples (ANN: {expected:.4f})" in capsys.readouterr().out
+    out = tmp_path / "acc.png"
+    assert main(["plot", "accuracy", str(sample_snn), "--data", str(npz), "--T", "3", "-q", "--ann",
+                 str(SAMPLE_ONNX), "-o", str(out)]) == 0
+    assert f"(ANN: {expected:.4f} on the same 40 samples)" in capsys.readouterr().out
+    assert out.read_bytes()[:4] == b"\x89PNG"
+    assert main(["run", str(sample_snn), "--data", str(npz), "--T", "3", "-q", "--ann", str(npz)]) == 2
+    assert "--ann" in capsys.readouterr().err
+
+
+def test_plot_neuron_takes_v_init_half_as_convert_does(tmp_path, capsys):
+    from onnx_snn import plots
+    assert main(["plot", "neuron", "--T", "16", "--v-init", "half", "-o", str(tmp_path / "n.png")]) == 0
+    half = plots.plot_if_neuron(str(tmp_path / "m.png"), T=16, v_init=0.5)
+    assert f"{np.abs(half.rates - half.relu).max():.4f}" in capsys.readouterr().out
+    assert main(["plot", "neuron", "--v-init", "most", "-o", str(tmp_path / "x.png")]) == 2
+    assert "give a number (in thresholds) or 'half'" in capsys.readouterr().err
+
+
+def test_plot_help_describes_each_figure():
+    text = subprocess.run([sys.executable, "-m", "onnx_snn", "plot", "--help"], capture_output=True, text=True).stdout
+    for figure in ("neuron    spike trains", "firing    a step model's", "accuracy  a step model's"):
+        assert figure in text
+
+
+def test_output_into_a_closed_pipe_ends_without_a_traceback(sample_snn):
+    """`onnx-snn run ... | head -1`: the reader leaves after one line (unbuffered, so that the next
+    line is written, and refused, while the command runs)."""
+    import os
+    proc = subprocess.Popen([sys.executable, "-m", "onnx_snn", "run", str(sample_snn), "--T", "20", "--limit", "50",
+                             "-q"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    proc.stdout.readline()
+    proc.stdout.close()  # as head does after its line
+    err = proc.stderr.read().decode()
+    proc.wait(timeout=120)
+    assert "Traceback" not in err and "BrokenPipeError" not in err, err

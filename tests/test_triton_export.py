@@ -1,5 +1,7 @@
 """export-triton: the config matches the step model's state pairs, and the exported model, driven
 the way Triton's sequence batcher drives it, computes what the local runtime computes."""
+import os
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -28,6 +30,11 @@ def parse_config(text: str):
 
 
 def model_config():
+    """Triton's model-config schema (the protobuf tritonclient ships): parsing refuses any field
+    or value Triton would not know."""
+    if os.environ.get("CI"):  # CI installs the serve extra: the schema checks must run there
+        import tritonclient.grpc.model_config_pb2 as schema
+        return schema
     return pytest.importorskip("tritonclient.grpc.model_config_pb2")
 
 
@@ -96,8 +103,12 @@ def test_cli_export_refuses_an_existing_folder_without_force(half_init_snn, tmp_
     assert "already exists" in capsys.readouterr().err
     assert main(["export-triton", str(model), "--repo", str(repo), "--force", "--max-batch-size", "4"]) == 0
     assert "max_batch_size: 4" in (repo / "snn" / "config.pbtxt").read_text()
-    assert main(["export-triton", str(model), "--repo", str(tmp_path / "missing")]) == 2
     assert [p.name for p in repo.iterdir()] == ["snn"]  # no temporary folder left behind
+    assert main(["export-triton", str(model), "--repo", str(tmp_path / "new" / "repo")]) == 0  # created
+    assert (tmp_path / "new" / "repo" / "snn" / "config.pbtxt").is_file()
+    (tmp_path / "file").write_text("")
+    assert main(["export-triton", str(model), "--repo", str(tmp_path / "file")]) == 2
+    assert "is a file, not a folder" in capsys.readouterr().err
 
 
 def test_export_refuses_an_ann_and_bad_options(tmp_path):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 import numpy as np
@@ -26,6 +27,26 @@ def format_evaluation(ev: Evaluation, reference: float | None = None) -> str:
         for layer, rates in ev.firing_rates.items():
             lines.append(f"  {layer:12s} {rates.mean():.4f}")
     return "\n".join(lines)
+
+
+def ann_accuracy(ann, data, limit: int | None = None, batch_size: int = 256) -> float:
+    """Accuracy of an ANN (.onnx, run by onnxruntime on the CPU) on the samples ``run`` evaluates:
+    the reference the SNN's accuracy against t approaches."""
+    from .data import labelled_batches, prepare
+    from .engine import np_type
+    from .providers import session as make_session
+    try:
+        sess = make_session(str(ann), "CPUExecutionProvider")
+    except Exception as e:  # noqa: BLE001 - onnxruntime's own message says what is wrong
+        raise OnnxSnnError(f"--ann {ann}: onnxruntime cannot load it ({str(e).splitlines()[0]})") from e
+    inp = sess.get_inputs()[0]
+    batches, _ = labelled_batches(data, batch_size, limit)
+    correct = total = 0
+    for x, y in batches:
+        out = sess.run(None, {inp.name: prepare(x, list(inp.shape), np_type(inp.type), inp.name)})[0]
+        correct += int((out.reshape(len(out), -1).argmax(1) == np.asarray(y)).sum())
+        total += len(y)
+    return correct / max(total, 1)
 
 
 def plot_accuracy(curves: dict[str, np.ndarray], path: str, title: str, reference: float | None = None) -> None:
@@ -67,6 +88,8 @@ def add_parser(sub) -> None:
                    help="native: the kernel library; onnx: the model's function bodies (default auto)")
     r.add_argument("--json", default=None, help="write accuracy per t and firing rates as JSON")
     r.add_argument("--plot", default=None, help="write a plot of accuracy against t (PNG)")
+    r.add_argument("--ann", default=None, help="the ANN (.onnx) the model was converted from: its accuracy on "
+                   "the same samples is printed beside the SNN's and drawn on the plot")
     r.add_argument("-q", "--quiet", action="store_true", help="no progress bar, no line naming the data")
     r.set_defaults(func=cmd_run)
 
@@ -78,26 +101,38 @@ def add_serve_parser(sub) -> None:
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
     s.add_argument("--http-port", type=int, default=8000)
     s.add_argument("--grpc-port", type=int, default=8001)
-    s.add_argument("--metrics-port", type=int, default=8002)
+    s.add_argument("--metrics-port", type=int, default=8002,
+                   help="Prometheus metrics port (default 8002; 0 turns metrics off)")
     s.add_argument("--name", default="snn", help="model name: NAME (whole inference) and NAME_stream")
     s.add_argument("--provider", default="cpu", help="cpu or cuda (default cpu)")
+    s.add_argument("--instances", type=int, default=2,
+                   help="model instances, so that a small request is not queued behind a long one "
+                        "(default 2)")
+    s.add_argument("--threads", type=int, default=None,
+                   help="CPU threads of each instance (default: the cores shared out between the instances)")
     s.add_argument("--max-sequences", type=int, default=64, help="live streaming sequences at most (default 64)")
     s.add_argument("--idle-timeout", type=float, default=60.0,
                    help="seconds after which an idle streaming sequence is dropped (default 60)")
     s.add_argument("--max-T", type=int, default=1000, help="largest T of a whole-inference request (default 1000)")
     s.add_argument("--max-batch", type=int, default=256,
                    help="largest batch of one request (default 256); with --max-sequences it bounds memory")
+    s.add_argument("--triton-log", action="store_true", help="show Triton's and PyTriton's own log")
     s.set_defaults(func=cmd_serve)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from .serve import serve
-    print(f"serving {args.model} as '{args.name}' and '{args.name}_stream' on {args.host}: "
-          f"HTTP {args.http_port}, gRPC {args.grpc_port} (Ctrl-C stops)", flush=True)
+
+    def ready():
+        metrics = f", metrics {args.metrics_port}" if args.metrics_port else ", metrics off"
+        print(f"serving {args.model} as '{args.name}' and '{args.name}_stream' on {args.host}: "
+              f"HTTP {args.http_port}, gRPC {args.grpc_port}{metrics} (Ctrl-C or SIGTERM stops)", flush=True)
+
     serve(args.model, host=args.host, http_port=args.http_port, grpc_port=args.grpc_port,
           metrics_port=args.metrics_port, name=args.name, provider=args.provider,
           max_sequences=args.max_sequences, idle_timeout=args.idle_timeout, max_T=args.max_T,
-          max_batch=args.max_batch)
+          max_batch=args.max_batch, instances=args.instances, threads=args.threads, ready=ready, verbose=args.triton_log)
+    print("stopped", flush=True)
     return 0
 
 
@@ -111,12 +146,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     print(f"provider: {sim.provider}; {sim.execution} execution, {sim.kernels} kernels; "
           f"CUDA graphs {sim.cuda_graph_status}")
     ev = sim.evaluate(data, T, batch_size=args.batch_size, progress=not args.quiet)
-    print(format_evaluation(ev))
+    reference = ann_accuracy(args.ann, data, batch_size=args.batch_size) if args.ann else None
+    print(format_evaluation(ev, reference))
     if args.json:
         save_json(ev, args.json, model=str(args.model), provider=sim.provider)
         print(f"wrote {args.json}")
     if args.plot:
-        plot_accuracy({"SNN": ev.accuracy}, args.plot, f"{args.model} (T={T})")
+        plot_accuracy({"SNN": ev.accuracy}, args.plot, f"{args.model} (T={T})", reference)
         print(f"wrote {args.plot}")
     return 0
 
@@ -165,3 +201,13 @@ def main(argv: list[str] | None = None) -> int:
     except OnnxSnnError as e:
         print(f"onnx-snn: error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        return quiet_broken_pipe()
+
+
+def quiet_broken_pipe() -> int:
+    """The reader of our output went away (``onnx-snn run ... | head``): stop without a traceback,
+    and keep Python's flush at exit from raising again (as the Python docs advise)."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    return 1

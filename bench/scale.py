@@ -60,6 +60,8 @@ RECIPES = {
     "99.9%": ("99.9% per channel", lambda T: dict(mode="99.9%", per_channel=True)),
     "max": ("max", lambda T: dict(mode="max")),
     "preset": ("preset target_T={T}", lambda T: dict(PRESET_RECIPE, target_T=T)),
+    # what users get from target_T alone: the preset's candidates tried on held-out images (selection)
+    "selection": ("target_T={T} alone (recipe selection)", lambda T: dict(target_T=T)),
 }
 
 

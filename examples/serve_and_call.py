@@ -1,6 +1,6 @@
 """Serve a step model through Triton (PyTriton) and call it over HTTP and gRPC, whole and streaming.
 
-    python examples/serve_and_call.py [--out DIR] [--http-port 8000] [--grpc-port 8001]
+    python examples/serve_and_call.py [--out DIR] [--http-port 8000] [--grpc-port 8001] [-v]
 
 Needs the serve extra (scripts/setup.sh installs it). The server listens on loopback only.
 """
@@ -34,6 +34,7 @@ def main():
     parser.add_argument("--http-port", type=int, default=8000)
     parser.add_argument("--grpc-port", type=int, default=8001)
     parser.add_argument("--metrics-port", type=int, default=8002)
+    parser.add_argument("-v", "--verbose", action="store_true", help="show Triton's and PyTriton's own log")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -43,7 +44,7 @@ def main():
                           out / "served.snn.onnx")
 
     triton = serve(model, http_port=args.http_port, grpc_port=args.grpc_port, metrics_port=args.metrics_port,
-                   block=False)
+                   block=False, verbose=args.verbose)
     try:
         http = httpclient.InferenceServerClient(f"127.0.0.1:{args.http_port}")
         x = x_test[:8]

@@ -112,7 +112,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     """Convert the sample CNN with each demo mode, simulate, print the table, plot accuracy against t."""
     import onnxruntime as ort
     from onnx_snn_runtime.cli import plot_accuracy
-    from onnx_snn_runtime.datasets import DEBIAN_DIR, load_fashion_mnist, read_idx_dir
+    from onnx_snn_runtime.datasets import fashion_mnist
     from onnx_snn_runtime.simulator import Simulator, check_T
 
     T = check_T(args.T)
@@ -121,11 +121,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
         raise OnnxSnnError(f"`onnx-snn demo` converts the repository's sample CNN ({source}), which an installed "
                            "package does not carry: run it from a source checkout set up with "
                            "`bash scripts/setup.sh` (pip install -e), or convert your own model with `onnx-snn convert`")
-    full = read_idx_dir(DEBIAN_DIR, "test") is not None
-    x_train, _ = load_fashion_mnist("train")
-    x_test, y_test = load_fashion_mnist("test")
+    x_train, _, _ = fashion_mnist("train")
+    x_test, y_test, origin = fashion_mnist("test")
     x_calib, x_test, y_test = x_train[: args.calib_samples], x_test[: args.images], y_test[: args.images]
-    print(f"data: {'full Fashion-MNIST (Debian package)' if full else 'bundled Fashion-MNIST subset'}; "
+    print(f"data: Fashion-MNIST, {origin.split(' (')[0]}; "
           f"calibration on {len(x_calib)} training images, test on {len(x_test)} images, T={T}")
     ann = ort.InferenceSession(str(source), providers=["CPUExecutionProvider"])
     ann_acc = float(np.mean(ann.run(None, {"input": x_test})[0].argmax(1) == y_test))

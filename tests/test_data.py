@@ -150,3 +150,15 @@ def test_run_cli_says_which_data_it_used(tmp_path, subset, capsys):
     printed = capsys.readouterr().out
     assert "evaluation data: " in printed and "'x_test' and 'y_test': first 64 of 2000 samples" in printed
     assert "accuracy on 64 samples" in printed
+
+
+def test_the_environment_chooses_what_auto_means(monkeypatch):
+    from onnx_snn_runtime.datasets import SOURCE_ENV, fashion_mnist
+    from onnx_snn_runtime.errors import DataError
+    monkeypatch.setenv(SOURCE_ENV, "bundled")
+    x, y, origin = fashion_mnist("test")
+    assert len(x) == len(y) == 2000 and origin.startswith("bundled subset")
+    monkeypatch.setenv(SOURCE_ENV, "most")
+    with pytest.raises(DataError, match="ONNX_SNN_FASHION_MNIST='most'"):
+        fashion_mnist("test")
+    assert len(fashion_mnist("test", source="bundled")[0]) == 2000  # an explicit source wins

@@ -20,6 +20,7 @@ from .errors import DataError
 log = logging.getLogger(__name__)
 
 DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
+SOURCE_ENV = "ONNX_SNN_FASHION_MNIST"  # auto (default), full or bundled: what source="auto" means
 BUNDLED = Path(__file__).resolve().parents[2] / "models" / "data" / "fashion_mnist_subset.npz"
 CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
            "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
@@ -85,7 +86,13 @@ def load_fashion_mnist(split: str = "test", source: str = "auto",
 
 def fashion_mnist(split: str = "test", source: str = "auto",
                   root: str | os.PathLike | None = None) -> tuple[np.ndarray, np.ndarray, str]:
-    """``load_fashion_mnist`` and where the images came from, in words (for the user to see)."""
+    """``load_fashion_mnist`` and where the images came from, in words (for the user to see).
+    ``source="auto"`` follows ``$ONNX_SNN_FASHION_MNIST`` (auto, full or bundled) when it is set:
+    the docs' test sets it to bundled, so that it runs the same on every machine."""
+    if source == "auto":
+        source = os.environ.get(SOURCE_ENV, "auto") or "auto"
+        if source not in ("auto", "full", "bundled"):
+            raise DataError(f"{SOURCE_ENV}={source!r}; use 'auto', 'full' or 'bundled'")
     if split not in _SPLIT_FILES:
         raise DataError(f"unknown split {split!r}; use 'train' or 'test'")
     if source not in ("auto", "full", "bundled"):

@@ -19,7 +19,8 @@ session creation excluded) and one conversion per recipe (``onnx_snn.Converter``
 file, every pass): ``99.9%`` per channel, ``max`` (per layer) and ``preset``: the recipe of
 ``target_T=8`` given explicitly (threshold search per channel for T, v_init half, bias and
 potential correction; ``PRESET_RECIPE``), so that any selection among candidate recipes the
-converter may run for ``target_T`` alone is not part of it. The preset also runs at
+converter may run for ``target_T`` alone is not part of it; ``selection`` (not run by default) is
+``target_T`` alone, as users call it, recipe selection included. The preset also runs at
 ``--preset-images``. Each row gives wall seconds and CPU seconds (all threads) of
 the job and both as multiples of the ANN pass's, with the 1-minute load average: on a shared
 machine the wall time grows with the others' load, the CPU time much less. ``--profile`` adds

@@ -110,8 +110,7 @@ def cmd_export_triton(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """Convert the sample CNN with each demo mode, simulate, print the table, plot accuracy against t."""
-    import onnxruntime as ort
-    from onnx_snn_runtime.cli import plot_accuracy
+    from onnx_snn_runtime.cli import ann_accuracy, plot_accuracy
     from onnx_snn_runtime.datasets import fashion_mnist
     from onnx_snn_runtime.simulator import Simulator, check_T
 
@@ -126,8 +125,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     x_calib, x_test, y_test = x_train[: args.calib_samples], x_test[: args.images], y_test[: args.images]
     print(f"data: Fashion-MNIST, {origin.split(' (')[0]}; "
           f"calibration on {len(x_calib)} training images, test on {len(x_test)} images, T={T}")
-    ann = ort.InferenceSession(str(source), providers=["CPUExecutionProvider"])
-    ann_acc = float(np.mean(ann.run(None, {"input": x_test})[0].argmax(1) == y_test))
+    ann_acc = ann_accuracy(source, (x_test, y_test))
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     curves = {}

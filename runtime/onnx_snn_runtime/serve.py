@@ -27,6 +27,7 @@ so that their stubs end cleanly, then Triton stops, and the workspace is removed
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 import os
 import shutil
@@ -267,15 +268,33 @@ def check_finite(x: np.ndarray) -> np.ndarray:
     return x
 
 
+REFUSAL = "ServeError: "  # how a refusal's message starts in the traceback PyTriton passes on
+
+
+def _onnx_snn_retry_refused(call):
+    """``call``, retried for 5 s while the Unix socket it connects to refuses. PyTriton 0.7 races
+    with several instances: the handshake socket's file exists before its server listens. Used
+    here and, by its source, in ``STUB_PATCH`` (the stub's side of the same handshake)."""
+    def retrying(*args, **kwargs):
+        import time as _time
+        for _ in range(100):
+            try:
+                return call(*args, **kwargs)
+            except ConnectionRefusedError:
+                _time.sleep(0.05)
+        return call(*args, **kwargs)
+    return retrying
+
+
 # PyTriton answers every exception of an inference callable as INTERNAL (HTTP 500) with the
 # traceback, and its stub (the model.py it copies into Triton's model repository) has no hook
 # for error codes. So onnx-snn appends this to that copy: a request onnx-snn refused
 # (``ServeError``) is answered INVALID_ARG (HTTP 400, gRPC INVALID_ARGUMENT) with the error's
 # one-line message; every other error stays as PyTriton reports it.
-STUB_PATCH = """
+STUB_PATCH = f"""
 
 # --- appended by onnx-snn (onnx_snn_runtime/serve.py: STUB_PATCH) ---
-_ONNX_SNN_REFUSAL = "ServeError: "
+_ONNX_SNN_REFUSAL = {REFUSAL!r}
 # PyTriton's stub cannot pass an empty tensor on (its copy into shared memory fails)
 _ONNX_SNN_EMPTY = "cannot cast view with zeros in shape"
 _onnx_snn_execute = TritonPythonModel.execute
@@ -299,19 +318,10 @@ def _onnx_snn_execute_with_refusals(self, triton_requests):
 
 TritonPythonModel.execute = _onnx_snn_execute_with_refusals
 
-# PyTriton 0.7 races with several instances: a later instance connects to the first one's
-# handshake socket as soon as its file exists, which can be before it listens. Retry for 5 s.
-_onnx_snn_get_config = get_config_from_handshake_server
 
+{inspect.getsource(_onnx_snn_retry_refused)}
 
-def get_config_from_handshake_server(*args, **kwargs):  # noqa: F811 - read by initialize()
-    import time as _onnx_snn_time
-    for _ in range(100):
-        try:
-            return _onnx_snn_get_config(*args, **kwargs)
-        except ConnectionRefusedError:
-            _onnx_snn_time.sleep(0.05)
-    return _onnx_snn_get_config(*args, **kwargs)
+get_config_from_handshake_server = _onnx_snn_retry_refused(get_config_from_handshake_server)  # read by initialize()
 """
 
 
@@ -344,16 +354,8 @@ def _refusals_as_invalid_argument():
     # the same race as in STUB_PATCH, on this side: PyTriton reads the first instance's handshake
     get_config = pytriton_model.get_config_from_handshake_server
 
-    def get_config_retrying(*args, **kwargs):
-        for _ in range(100):
-            try:
-                return get_config(*args, **kwargs)
-            except ConnectionRefusedError:
-                time.sleep(0.05)
-        return get_config(*args, **kwargs)
-
     cls.get_proxy_model_files, cls.generate_model = get_proxy_model_files, generate_model
-    pytriton_model.get_config_from_handshake_server = get_config_retrying
+    pytriton_model.get_config_from_handshake_server = _onnx_snn_retry_refused(get_config)
     try:
         yield
     finally:
@@ -366,9 +368,9 @@ class _OneLinePerRefusal(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         text = record.getMessage()
-        at = text.rfind("ServeError: ")
+        at = text.rfind(REFUSAL)
         if at >= 0:
-            record.msg, record.args = "refused a request: %s", (text[at + 12:].split("\n", 1)[0],)
+            record.msg, record.args = "refused a request: %s", (text[at + len(REFUSAL):].split("\n", 1)[0],)
         return True
 
 

@@ -26,6 +26,7 @@ the converter then uses the first candidate and says so.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import itertools
 import logging
 import time
@@ -44,6 +45,9 @@ from .model_util import cpu_session
 log = logging.getLogger(__name__)
 
 MAX_HELD_OUT = 512
+# Bytes of simulated state (x 3: inputs, outputs, activations) while scoring a candidate: ResNet-50
+# at 224 holds 42 MB of potentials per image; 16 images at once peaked at 3.5 GB, 4 at 1.7 GB.
+SCORE_MEMORY = 512 << 20
 MIN_HELD_OUT = 32   # fewer held-out samples than this cannot tell recipes apart: no selection
 TUNING_BUDGET = 4.0
 MIN_TUNING_BUDGET = 60.0  # seconds
@@ -196,9 +200,11 @@ def select(convert, source: onnx.ModelProto, options, data: Any, given: dict):
                 continue
         began = time.perf_counter()
         try:
+            model = record = None  # the previous candidate's, unless it is the best: freed before converting
+            gc.collect()
             model, record = convert(dataclasses.replace(first, **recipe_fields(recipe)), held.calibration)
             converted = time.perf_counter()
-            trial.score, trial.error = _score(model, held.feeds, options.target_T, expected, reference,
+            trial.score, trial.error = _score(model, record, held.feeds, options.target_T, expected, reference,
                                               options.batch_size)
             if pace is None:
                 pace = _Pace(converted - began, (time.perf_counter() - converted) / (len(expected) * options.target_T),
@@ -258,13 +264,17 @@ def _predictions(outputs: np.ndarray) -> np.ndarray:
     return outputs.argmax(axis=1) if outputs.ndim >= 2 else (outputs > 0).astype(np.int64)
 
 
-def _score(model: onnx.ModelProto, feeds: dict, T: int, expected: np.ndarray, reference: np.ndarray,
+def _score(model: onnx.ModelProto, record, feeds: dict, T: int, expected: np.ndarray, reference: np.ndarray,
            batch_size: int):
     """(share of predictions equal to ``expected``, mean squared output difference) after T steps.
-    The held-out images run ``batch_size`` at a time, as calibration does: onnxruntime's buffers
-    grow with the batch (ResNet-50 at 224 peaked at 11 GB with 51 images at once)."""
+    The held-out images run at most ``batch_size`` at a time, fewer where their states would
+    exceed ``SCORE_MEMORY``: onnxruntime's buffers grow with the batch (ResNet-50 at 224 peaked at
+    11 GB with 51 images at once, 3.5 GB with 16, 1.7 GB with 4)."""
     from onnx_snn_runtime import Simulator
 
+    from .passes.tune_thresholds import state_bytes
+
+    batch_size = max(1, min(batch_size, SCORE_MEMORY // max(3 * state_bytes(record.states), 1)))
     sim = Simulator(model.SerializeToString(), "cpu")
     n = len(next(iter(feeds.values())))
     out = np.concatenate([sim.run({k: v[i:i + batch_size] for k, v in feeds.items()}, T, per_step=False)

@@ -144,3 +144,24 @@ def test_the_ann_reference_is_computed_a_calibration_batch_at_a_time():
     x, model = data(50), net()
     whole = cpu_session(model).run(None, {"x": x})[0]
     np.testing.assert_array_equal(selection._ann_outputs(model, {"x": x}, 7), whole.astype(np.float64))
+
+
+def test_scoring_simulates_fewer_images_at_once_when_their_states_are_large(monkeypatch):
+    """The held-out images are simulated at most batch_size at a time, fewer when their states
+    would pass SCORE_MEMORY (ResNet-50 at 224); the scores do not depend on it."""
+    x, model = data(40), net()
+    converter = onnx_snn.Converter(x, target_T=T, select_recipe=False, progress=False)
+    snn = converter(model)
+    reference = cpu_session(model).run(None, {"x": x})[0].astype(np.float64)
+    expected = reference.argmax(1)
+    batches = []
+    run = Simulator.run
+    monkeypatch.setattr(Simulator, "run", lambda self, feeds, *a, **k: batches.append(len(feeds["x"])) or
+                        run(self, feeds, *a, **k))
+    whole = selection._score(snn, converter.record, {"x": x}, T, expected, reference, 16)
+    assert batches == [16, 16, 8]
+    per_image = 3 * (6 * 6 * 6 + 6 * 4 * 4) * 4  # 3 x the bytes of both layers' potentials
+    monkeypatch.setattr(selection, "SCORE_MEMORY", 5 * per_image)
+    batches.clear()
+    assert selection._score(snn, converter.record, {"x": x}, T, expected, reference, 16) == whole
+    assert batches == [5] * 8

@@ -11,6 +11,7 @@ from onnx_snn_runtime.format import StepModelSpec
 from .converter import Converter
 from .errors import CalibrationError, DataError, ModelLoadError, OnnxSnnError, OptionError, PassError, UnsupportedOpError
 from .io import save
+from .nir_export import NirExportError, export_nir, write_nir
 from .ops import if_neuron
 
 
@@ -26,4 +27,5 @@ def spec(model) -> StepModelSpec:
 
 
 __all__ = ["Converter", "save", "load", "spec", "StepModelSpec", "if_neuron", "OnnxSnnError", "ModelLoadError",
-           "UnsupportedOpError", "OptionError", "CalibrationError", "DataError", "PassError", "__version__"]
+           "UnsupportedOpError", "OptionError", "CalibrationError", "DataError", "PassError",
+           "export_nir", "write_nir", "NirExportError", "__version__"]

@@ -108,6 +108,20 @@ def cmd_export_triton(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export_nir(args: argparse.Namespace) -> int:
+    from .nir_export import write_nir
+    output = Path(args.output or str(args.model).removesuffix(".onnx").removesuffix(".snn") + ".nir")
+    if output.exists() and not args.force:
+        raise OnnxSnnError(f"{output} exists; give --force to replace it")
+    graph = write_nir(args.model, output, pooling=args.pool, initial_potentials=args.initial_potentials)
+    kinds: dict[str, int] = {}
+    for node in graph.nodes.values():
+        kinds[type(node).__name__] = kinds.get(type(node).__name__, 0) + 1
+    print(f"wrote {output}: NIR graph of {', '.join(f'{n} {k}' for k, n in kinds.items())}; "
+          f"{len(graph.edges)} edges (docs/nir.md: what each importer makes of it)")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     """Convert the sample CNN with each demo mode, simulate, print the table, plot accuracy against t."""
     from onnx_snn_runtime.cli import ann_accuracy, plot_accuracy
@@ -204,6 +218,18 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--gpu", action="store_true", help="instance kind GPU (default CPU)")
     e.add_argument("--force", action="store_true", help="replace an existing model folder")
     e.set_defaults(func=cmd_export_triton)
+    n = sub.add_parser("export-nir", help="write a step model as a NIR graph (HDF5) for snnTorch, Norse, sinabs, "
+                       "Rockpool, Lava; see docs/nir.md")
+    n.add_argument("model", help="step model (.snn.onnx)")
+    n.add_argument("-o", "--output", help="NIR file to write (default: MODEL with .nir)")
+    n.add_argument("--pool", choices=("sum", "avg"), default="sum",
+                   help="average pooling as SumPool2d with its divisor folded into the next layer (default; "
+                        "sinabs and Norse read it) or as AvgPool2d (snnTorch reads it)")
+    n.add_argument("--initial-potentials", choices=("refuse", "metadata"), default="refuse",
+                   help="non-zero initial membrane potentials, which NIR has no field for: refuse (default) or "
+                        "keep them in each IF node's metadata (onnx_snn.v_init) for you to set in the importer")
+    n.add_argument("--force", action="store_true", help="replace an existing file")
+    n.set_defaults(func=cmd_export_nir)
     d = sub.add_parser("demo", help="convert the sample CNN with six modes, simulate, plot accuracy against t")
     d.add_argument("--T", type=int, default=50, help="timesteps (default 50)")
     d.add_argument("--images", type=int, default=2000, help="test images (default 2000)")

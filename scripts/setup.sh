@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Create .venv and install onnx-snn with its torch, dev and serve extras. Safe to re-run.
+# Create .venv and install onnx-snn with its torch, dev, serve and NIR extras (and Norse). Safe to re-run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # PyTriton's tritonserver (the serve extra) runs its Python backend through a stub built against
@@ -20,7 +20,10 @@ fi
 .venv/bin/python -m pip install -q --upgrade pip
 # The CPU build of torch 2.13.0 (a plain `torch` would pull a CUDA build of several GB).
 .venv/bin/python -m pip install -q "torch==2.13.0"
-.venv/bin/python -m pip install -q -e ".[torch,dev,serve]"
+.venv/bin/python -m pip install -q -e ".[torch,dev,serve,nir,nir-test]"
+# Norse, an importer the NIR tests run: its torchvision dependency does not import beside the CPU
+# torch, and Norse's NIR import does not use it, so it is installed without dependencies.
+.venv/bin/python -m pip install -q --no-deps "norse==1.1.0"
 # The native neuron kernels (optional: without them the runtime uses the models' function bodies).
 bash scripts/build_kernels.sh || echo "setup.sh: continuing without native kernels (onnx-snn info says what runs)" >&2
 # Their CUDA build, where the CUDA compiler is (used by CUDA sessions that ask for native kernels).

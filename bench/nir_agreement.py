@@ -34,11 +34,11 @@ def ours(step_model, x: np.ndarray, T: int) -> np.ndarray:
     return Simulator(step_model.SerializeToString(), "cpu").run(x, T)
 
 
-def _order(graph) -> list[str]:
-    inputs = {name: [a for a, b in graph.edges if b == name] for name in graph.nodes}
+def _order(sources: dict[str, list[str]]) -> list[str]:
+    """The nodes in topological order, from each node's sources."""
     done: list[str] = []
-    while len(done) < len(graph.nodes):
-        done += [n for n in graph.nodes if n not in done and all(a in done for a in inputs[n])]
+    while len(done) < len(sources):
+        done += [n for n in sources if n not in done and all(a in done for a in sources[n])]
     return done
 
 
@@ -50,15 +50,18 @@ def reference(graph, x: np.ndarray, T: int, v_init: bool = True) -> np.ndarray:
     import torch
     import torch.nn.functional as F
 
-    order, v, outs = _order(graph), {}, []
     sources = {name: [a for a, b in graph.edges if b == name] for name in graph.nodes}
+    order, v, outs = _order(sources), {}, []
     xt = torch.tensor(x, dtype=torch.float32)
+
+    def t(a):
+        return torch.tensor(np.asarray(a), dtype=torch.float32)
+
     for _ in range(T):
         value = {}
         for name in order:
             node = graph.nodes[name]
             u = xt if isinstance(node, nir.Input) else sum(value[s] for s in sources[name])
-            t = lambda a: torch.tensor(np.asarray(a), dtype=torch.float32)  # noqa: E731
             if isinstance(node, nir.Conv2d):
                 u = F.conv2d(u, t(node.weight), t(node.bias), tuple(node.stride), tuple(node.padding),
                              tuple(node.dilation), node.groups)

@@ -1,11 +1,13 @@
 """``onnx-snn`` command line: ``convert`` (an ANN into a step model), ``run`` (simulate it),
-``inspect``, ``plot``, ``serve`` (Triton through PyTriton), ``export-triton`` (a Triton model repository entry), ``demo``."""
+``inspect``, ``plot``, ``serve`` (Triton through PyTriton), ``export-triton`` (a Triton model repository entry),
+``export-nir`` (a NIR graph), ``demo``."""
 from __future__ import annotations
 
 import argparse
 import logging
 import os
 import sys
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -114,9 +116,7 @@ def cmd_export_nir(args: argparse.Namespace) -> int:
     if output.exists() and not args.force:
         raise OnnxSnnError(f"{output} exists; give --force to replace it")
     graph = write_nir(args.model, output, pooling=args.pool, initial_potentials=args.initial_potentials)
-    kinds: dict[str, int] = {}
-    for node in graph.nodes.values():
-        kinds[type(node).__name__] = kinds.get(type(node).__name__, 0) + 1
+    kinds = Counter(type(node).__name__ for node in graph.nodes.values())
     print(f"wrote {output}: NIR graph of {', '.join(f'{n} {k}' for k, n in kinds.items())}; "
           f"{len(graph.edges)} edges (docs/nir.md: what each importer makes of it)")
     return 0

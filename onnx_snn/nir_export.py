@@ -64,7 +64,7 @@ _MISSING = {
                "average pooling to export it",
     "Concat": "NIR 1.0 has no concatenation node (edges into a node are summed, not stacked; it would need a "
               "Concat node)",
-    "Softmax": "NIR 1.0 has no softmax; convert without --output-softmax",
+    "Softmax": "NIR 1.0 has no softmax node",
 }
 
 _NO_SCALE = "which sinabs, Norse and snnTorch do not import"
@@ -231,8 +231,9 @@ class _Exporter:
         if node.domain == if_neuron.DOMAIN and node.op_type == if_neuron.OP_TYPE:
             return self._ifneuron(node)
         if node.domain not in ("", "ai.onnx"):
-            self._refuse(node, f"ops of domain {node.domain!r} have no NIR counterpart (a running-max MaxPool "
-                         "keeps a state NIR 1.0 has no node for; convert with --maxpool before_neuron or plain)")
+            self._refuse(node, f"ops of domain {node.domain!r} other than {if_neuron.OP_TYPE} have no NIR "
+                         "counterpart (a running-max MaxPool keeps a state, and NIR 1.0 has no max-pooling node "
+                         "at all); train the ANN with average pooling to export it")
         handler = getattr(self, f"_{node.op_type.lower()}", None)
         if handler is None:
             self._refuse(node, _MISSING.get(node.op_type, "NIR 1.0 has no counterpart for this op"))
@@ -262,10 +263,11 @@ class _Exporter:
                          "default reset by subtraction")
         shape = self._shape(node.input[0])[1:]
         value = self._input(node)
+        if value.factor <= 0:  # a sign flip cannot go into a threshold: apply it first
+            value = self._plain(node.input[0], node.name)
         # IF(c * u) with threshold t fires as IF(u) with threshold t / c (c > 0): its potential is
         # v / c throughout. So a pending factor needs no Scale node here.
-        factor = value.factor if value.factor > 0 else 1.0
-        value = value if factor != 1.0 else self._plain(node.input[0], node.name)
+        factor = value.factor
         threshold = float(attrs.get("threshold", 1.0)) / factor
         metadata = {"onnx_snn.reset": "subtract", "onnx_snn.fires_at": "v >= v_threshold",
                     "onnx_snn.layer": state.layer}

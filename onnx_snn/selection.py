@@ -272,9 +272,9 @@ def _score(model: onnx.ModelProto, record, feeds: dict, T: int, expected: np.nda
     11 GB with 51 images at once, 3.5 GB with 16, 1.7 GB with 4)."""
     from onnx_snn_runtime import Simulator
 
-    from .passes.tune_thresholds import state_bytes
+    from .passes.tune_thresholds import images_within, state_bytes
 
-    batch_size = max(1, min(batch_size, SCORE_MEMORY // max(3 * state_bytes(record.states), 1)))
+    batch_size = min(batch_size, images_within(SCORE_MEMORY, state_bytes(record.states)))
     sim = Simulator(model.SerializeToString(), "cpu")
     n = len(next(iter(feeds.values())))
     out = np.concatenate([sim.run({k: v[i:i + batch_size] for k, v in feeds.items()}, T, per_step=False)

@@ -63,7 +63,13 @@ MEMORY = 1 << 30                 # bytes for the simulated states (x 3: inputs, 
 
 def samples(T: int, state_bytes: int) -> int:
     """Images per tuning simulation for ``T`` steps and ``state_bytes`` of state per image."""
-    return max(1, min(max(MIN_SAMPLES, STEP_BUDGET // T), MEMORY // max(3 * state_bytes, 1)))
+    return min(max(MIN_SAMPLES, STEP_BUDGET // T), images_within(MEMORY, state_bytes))
+
+
+def images_within(memory: int, state_bytes: int) -> int:
+    """How many images one simulation may hold (at least 1) when each holds ``state_bytes`` of
+    state, 3 times over (inputs, outputs, activations), within ``memory`` bytes."""
+    return max(1, memory // max(3 * state_bytes, 1))
 
 
 def simulations(sites: int) -> int:

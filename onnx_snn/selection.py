@@ -46,7 +46,8 @@ log = logging.getLogger(__name__)
 
 MAX_HELD_OUT = 512
 # Bytes of simulated state (x 3: inputs, outputs, activations) while scoring a candidate: ResNet-50
-# at 224 holds 42 MB of potentials per image; 16 images at once peaked at 3.5 GB, 4 at 1.7 GB.
+# at 224 holds 42 MB of potentials per image, so 4 images at a time (bench/scale.py --recipes
+# selection: peak 5.18 GB scoring 16 at a time, 4.20 GB with this bound).
 SCORE_MEMORY = 512 << 20
 MIN_HELD_OUT = 32   # fewer held-out samples than this cannot tell recipes apart: no selection
 TUNING_BUDGET = 4.0
@@ -268,8 +269,8 @@ def _score(model: onnx.ModelProto, record, feeds: dict, T: int, expected: np.nda
            batch_size: int):
     """(share of predictions equal to ``expected``, mean squared output difference) after T steps.
     The held-out images run at most ``batch_size`` at a time, fewer where their states would
-    exceed ``SCORE_MEMORY``: onnxruntime's buffers grow with the batch (ResNet-50 at 224 peaked at
-    11 GB with 51 images at once, 3.5 GB with 16, 1.7 GB with 4)."""
+    exceed ``SCORE_MEMORY``: onnxruntime's buffers grow with the batch (ResNet-50 at 224: the
+    selection peaked at 11 GB scoring 51 images at once)."""
     from onnx_snn_runtime import Simulator
 
     from .passes.tune_thresholds import images_within, state_bytes
